@@ -1,0 +1,277 @@
+// Command handoff is a reference HTTP server that upgrades itself without
+// downtime, and the operator's tool to prove it.
+//
+//	handoff serve --listen 127.0.0.1:8080 --pidfile /run/handoff.pid
+//	kill -HUP "$(cat /run/handoff.pid)"   # after putting a new binary in place
+//	handoff load --target 127.0.0.1:8080 --rate 1000 --duration 30s
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/handoff-dev/handoff/loadgen"
+	"github.com/handoff-dev/handoff/server"
+	"github.com/handoff-dev/handoff/upgrader"
+)
+
+// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
+// Exit codes.
+const (
+	exitOK      = 0 // served and stopped cleanly, or the command succeeded
+	exitFailure = 1 // a runtime error; for load: some requests failed
+	exitUsage   = 2 // bad command line
+	exitListen  = 3 // cannot listen on an address
+	exitPIDFile = 4 // cannot write the PID file
+)
+
+const maxSlowMS = 60000
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `usage:
+  handoff serve [flags]   serve HTTP; SIGHUP upgrades to the binary now at the same path
+  handoff load [flags]    send a constant-rate load that never retries; exit 1 if any request failed
+  handoff version         print the version
+Run "handoff serve -h" or "handoff load -h" for their flags.
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "load":
+		return load(args[1:], stdout, stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, version)
+		return exitOK
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "handoff: unknown command %q\n%s", args[0], usage)
+	return exitUsage
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+func serve(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var listen listFlag
+	fs.Var(&listen, "listen", "address to serve on, host:port or unix:/path; repeatable (default 127.0.0.1:8080)")
+	pidFile := fs.String("pidfile", "", "write the serving process's PID here")
+	upgradeTimeout := fs.Duration("upgrade-timeout", upgrader.DefaultUpgradeTimeout, "how long a new process has to become ready")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long the old process may take to finish its requests")
+	logFormat := fs.String("log-format", "text", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "handoff serve: unexpected argument %q\n", fs.Arg(0))
+		return exitUsage
+	}
+	if *upgradeTimeout <= 0 || *drainTimeout <= 0 {
+		fmt.Fprintln(stderr, "handoff serve: --upgrade-timeout and --drain-timeout must be positive")
+		return exitUsage
+	}
+	var handler slog.Handler
+	switch *logFormat {
+	case "text":
+		handler = slog.NewTextHandler(stderr, nil)
+	case "json":
+		handler = slog.NewJSONHandler(stderr, nil)
+	default:
+		fmt.Fprintf(stderr, "handoff serve: --log-format must be text or json, not %q\n", *logFormat)
+		return exitUsage
+	}
+	if len(listen) == 0 {
+		listen = listFlag{"127.0.0.1:8080"}
+	}
+
+	base := slog.New(handler)
+	upg, err := upgrader.New(upgrader.Options{
+		PIDFile:        *pidFile,
+		UpgradeTimeout: *upgradeTimeout,
+		Version:        version,
+		Logger:         base,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
+		if errors.Is(err, upgrader.ErrPIDFile) {
+			return exitPIDFile
+		}
+		return exitFailure
+	}
+	defer upg.Close()
+	upg.HandleSignals()
+	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
+
+	srv := &server.Server{Handler: newMux(), Logger: log}
+	serveErr := make(chan error, len(listen))
+	for _, spec := range listen {
+		network, addr := upgrader.SplitAddr(spec)
+		ln, err := upg.Listen(network, addr)
+		if err != nil {
+			fmt.Fprintf(stderr, "handoff serve: cannot %v\n", err)
+			return exitListen
+		}
+		log.Info("listening", "network", network, "addr", ln.Addr().String())
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+	if err := upg.Ready(); err != nil {
+		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
+		if errors.Is(err, upgrader.ErrPIDFile) {
+			return exitPIDFile
+		}
+		return exitFailure
+	}
+
+	code := exitOK
+	select {
+	case <-upg.Done():
+	case err := <-serveErr:
+		log.Error("serving failed", "error", err)
+		upg.Stop()
+		code = exitFailure
+	}
+	reason := "stop"
+	if upg.HandedOff() != nil {
+		reason = "upgrade"
+	}
+	log.Info("draining", "reason", reason, "in_flight", srv.InFlight(), "timeout", *drainTimeout)
+	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
+	defer cancel()
+	rep, err := srv.Drain(ctx)
+	level := slog.LevelInfo
+	if err != nil {
+		level = slog.LevelWarn
+	}
+	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
+		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut,
+		"duration", rep.Duration, "cause", errString(err))
+	return code
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// newMux is the reference application.
+func newMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "Hello World !!!")
+	})
+	mux.HandleFunc("GET /hello/{name}", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "Hello %s!!!", r.PathValue("name"))
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	})
+	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+		if err != nil || ms < 0 || ms > maxSlowMS {
+			http.Error(w, fmt.Sprintf("ms must be an integer from 0 to %d", maxSlowMS), http.StatusBadRequest)
+			return
+		}
+		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			fmt.Fprintf(w, "slept %d ms", ms)
+		case <-r.Context().Done():
+		}
+	})
+	pid := strconv.Itoa(os.Getpid())
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Handoff-Pid", pid)
+		w.Header().Set("Handoff-Version", version)
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func load(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff load", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	target := fs.String("target", "127.0.0.1:8080", "address to load, host:port or unix:/path (loopback only)")
+	var cfg loadgen.Config
+	fs.IntVar(&cfg.Rate, "rate", 1000, "requests per second")
+	fs.DurationVar(&cfg.Duration, "duration", 10*time.Second, "how long to send; SIGINT stops earlier")
+	fs.IntVar(&cfg.Conns, "conns", 16, "pooled keep-alive connections at most")
+	fs.Float64Var(&cfg.NewConnFraction, "new-conn-fraction", 0, "share of requests sent on a new connection")
+	fs.Float64Var(&cfg.SlowFraction, "slow-fraction", 0, "share of requests sent to /slow")
+	fs.DurationVar(&cfg.Slow, "slow", 800*time.Millisecond, "how long a slow request takes")
+	fs.StringVar(&cfg.Path, "path", "/", "path of ordinary requests")
+	fs.DurationVar(&cfg.Timeout, "timeout", 0, "per-request timeout (default 10s plus --slow)")
+	fs.BoolVar(&cfg.Samples, "samples", false, "include one sample per request in the JSON output")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "handoff load: unexpected argument %q\n", fs.Arg(0))
+		return exitUsage
+	}
+	cfg.Network, cfg.Addr = upgrader.SplitAddr(*target)
+	if cfg.Network == "tcp" && !isLoopback(cfg.Addr) {
+		fmt.Fprintf(stderr, "handoff load: --target %s is not a loopback address; handoff load only loads this host\n", cfg.Addr)
+		return exitUsage
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	res, err := loadgen.Run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "handoff load: %v\n", err)
+		return exitUsage
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.Encode(res)
+	} else {
+		fmt.Fprint(stdout, res.Summary())
+	}
+	if res.Failed > 0 {
+		return exitFailure
+	}
+	return exitOK
+}
+
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

@@ -1,0 +1,169 @@
+package server
+
+import (
+	"bufio"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// conn is a connection the server tracks from Accept to Close.
+type conn struct {
+	net.Conn
+	s *Server
+
+	lastRead atomic.Int64 // unix nanoseconds of the last read that returned bytes
+
+	mu     sync.Mutex
+	st     http.ConnState
+	since  time.Time // when st began
+	closed bool
+}
+
+func (c *conn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.lastRead.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
+// CloseWrite lets net/http half-close, as it does on a plain *net.TCPConn.
+func (c *conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Close is called by net/http, or by the application for a hijacked connection.
+func (c *conn) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	err := c.Conn.Close()
+	c.s.forget(c)
+	return err
+}
+
+func (c *conn) setState(st http.ConnState) {
+	c.mu.Lock()
+	c.st, c.since = st, time.Now()
+	c.mu.Unlock()
+}
+
+func (c *conn) state() http.ConnState {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.st
+}
+
+// closeIfQuiet closes the connection if it waits for a request (idle, or new),
+// has been quiet for grace since max(its last state change, drainStart), and no
+// request bytes have arrived: neither read by net/http nor waiting in the socket.
+func (c *conn) closeIfQuiet(now, drainStart time.Time, grace time.Duration) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return true
+	}
+	if c.st != http.StateIdle && c.st != http.StateNew {
+		return false
+	}
+	quiet := c.since
+	if drainStart.After(quiet) {
+		quiet = drainStart
+	}
+	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() || pending(c.Conn) {
+		return false
+	}
+	c.closed = true
+	c.Conn.Close()
+	return true
+}
+
+// cut closes the connection at the drain deadline, whatever it is doing.
+func (c *conn) cut() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	c.Conn.Close()
+}
+
+// pending reports whether bytes wait to be read on nc's socket, without taking
+// them and without blocking.
+func pending(nc net.Conn) bool {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var n int
+	var buf [1]byte
+	// Control, not Read: net/http's reader holds the read lock while it waits.
+	raw.Control(func(fd uintptr) {
+		n, _, _ = unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	})
+	return n > 0
+}
+
+// responseWriter adds "Connection: close" to answers given while draining.
+type responseWriter struct {
+	http.ResponseWriter
+	s           *Server
+	wroteHeader bool
+}
+
+func (w *responseWriter) beforeHeader() {
+	if w.wroteHeader {
+		return
+	}
+	w.wroteHeader = true
+	if w.s.draining.Load() {
+		w.Header().Set("Connection", "close")
+	}
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	switch {
+	case code == http.StatusSwitchingProtocols:
+		w.wroteHeader = true // the connection is handed over, not closed
+	case code >= 200:
+		w.beforeHeader()
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(b []byte) (int, error) {
+	w.beforeHeader()
+	return w.ResponseWriter.Write(b)
+}
+
+// Flush, Hijack and Unwrap keep the optional interfaces of the writer net/http
+// gave us reachable, directly and through http.ResponseController.
+func (w *responseWriter) Flush() {
+	w.beforeHeader()
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	h, ok := w.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, errors.New("server: response writer cannot hijack")
+	}
+	w.wroteHeader = true
+	return h.Hijack()
+}
+
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -1,0 +1,301 @@
+// Package server serves HTTP/1.1 and drains without losing a request.
+//
+// net/http's Shutdown is not enough for a handoff, where the listening socket
+// lives on in the next process: a request read after Shutdown began is dropped
+// without an answer (conn.serve returns right after readRequest), and idle
+// keep-alive connections are closed at once, racing with a request the client has
+// just sent on one. Shutdown also ignores hijacked connections such as WebSockets.
+//
+// Drain does it differently:
+//
+//   - it closes this process's listeners, and nothing else: connections already
+//     accepted keep being served;
+//   - every answer given while draining says "Connection: close", so a connection
+//     is closed right after a response, never under a request in flight;
+//   - an idle keep-alive connection (or a new one that has sent nothing) is closed
+//     only once it has been quiet for IdleGrace since the drain began, and not if
+//     request bytes have arrived on it;
+//   - hijacked connections are tracked: hooks registered with RegisterOnDrain tell
+//     them to leave, and the drain waits for them;
+//   - at the deadline (the context's end) whatever remains is closed, and the
+//     Report says so.
+//
+// The one loss HTTP/1.1 cannot rule out: a client that sends a request on an idle
+// keep-alive connection at the very moment the server closes it after IdleGrace.
+// RFC 9112 section 9.3.1 lets clients retry such a request when it is idempotent.
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Defaults for the zero values of Server's fields.
+const (
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultIdleTimeout       = 120 * time.Second
+	DefaultIdleGrace         = 250 * time.Millisecond
+)
+
+// pollInterval is how often Drain looks at the connections it waits for.
+const pollInterval = 5 * time.Millisecond
+
+// Server serves HTTP on any number of listeners and drains them. The zero value
+// with a Handler set is ready to use; a Server serves one lifetime: after Drain it
+// serves no more.
+type Server struct {
+	// Handler answers requests; nil means http.DefaultServeMux.
+	Handler http.Handler
+	// ReadHeaderTimeout bounds reading a request's headers. Zero means
+	// DefaultReadHeaderTimeout.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes keep-alive connections idle this long while serving.
+	// Zero means DefaultIdleTimeout.
+	IdleTimeout time.Duration
+	// IdleGrace is how long an idle connection must stay quiet during a drain
+	// before it is closed: time for a request already on its way to arrive.
+	// Zero means DefaultIdleGrace.
+	IdleGrace time.Duration
+	// Logger receives net/http's own error lines. Nil means none.
+	Logger *slog.Logger
+
+	initOnce sync.Once
+	srv      *http.Server
+
+	draining atomic.Bool
+	inFlight atomic.Int64
+	answered atomic.Int64 // requests finished since the drain began
+
+	mu           sync.Mutex
+	drainStart   time.Time
+	listeners    map[*listener]struct{}
+	conns        map[*conn]struct{}
+	onDrain      []func()
+	closedSelf   int // connections that closed on their own during the drain
+	hijackedLeft int // hijacked connections closed during the drain
+}
+
+// Report says what a drain did.
+type Report struct {
+	Requests            int64         // requests answered while draining
+	ClosedIdle          int           // idle connections closed after IdleGrace
+	ClosedAfterResponse int           // connections closed after their last answer (Connection: close) or by the client
+	Hijacked            int           // hijacked connections (WebSockets...) closed by the application during the drain
+	Cut                 int           // connections closed at the deadline, requests in flight or not
+	Duration            time.Duration // from the start of the drain to its end
+}
+
+// ErrDraining is returned by Serve and Drain once a drain has begun.
+var ErrDraining = errors.New("server is draining")
+
+func (s *Server) init() {
+	s.initOnce.Do(func() {
+		h := s.Handler
+		if h == nil {
+			h = http.DefaultServeMux
+		}
+		s.srv = &http.Server{
+			Handler:           s.wrap(h),
+			ReadHeaderTimeout: orDefault(s.ReadHeaderTimeout, DefaultReadHeaderTimeout),
+			IdleTimeout:       orDefault(s.IdleTimeout, DefaultIdleTimeout),
+			ConnState:         s.connState,
+		}
+		if s.Logger != nil {
+			s.srv.ErrorLog = slog.NewLogLogger(s.Logger.Handler(), slog.LevelWarn)
+		}
+		s.listeners = make(map[*listener]struct{})
+		s.conns = make(map[*conn]struct{})
+	})
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// Serve accepts connections on ln and serves them until Drain closes it; it then
+// returns ErrDraining. Serve may be called for several listeners at once.
+func (s *Server) Serve(ln net.Listener) error {
+	s.init()
+	l := &listener{Listener: ln, s: s}
+	s.mu.Lock()
+	if s.draining.Load() {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrDraining
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	err := s.srv.Serve(l)
+	if s.draining.Load() {
+		return ErrDraining
+	}
+	return err
+}
+
+// RegisterOnDrain registers f to be called, in its own goroutine, when a drain
+// begins: the place to tell hijacked connections (WebSockets, streams) to leave.
+func (s *Server) RegisterOnDrain(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onDrain = append(s.onDrain, f)
+}
+
+// InFlight is the number of requests being answered now.
+func (s *Server) InFlight() int64 { return s.inFlight.Load() }
+
+// Draining reports whether a drain has begun.
+func (s *Server) Draining() bool { return s.draining.Load() }
+
+// Drain stops accepting, answers every request on the connections it holds, and
+// closes them between requests. It blocks until no connection is left or ctx
+// ends; then it closes what remains and returns context.Cause(ctx) with the
+// Report.
+func (s *Server) Drain(ctx context.Context) (Report, error) {
+	s.init()
+	s.mu.Lock()
+	if s.draining.Swap(true) {
+		s.mu.Unlock()
+		return Report{}, ErrDraining
+	}
+	s.drainStart = time.Now()
+	for l := range s.listeners {
+		l.Listener.Close()
+	}
+	for _, f := range s.onDrain {
+		go f()
+	}
+	s.mu.Unlock()
+
+	var rep Report
+	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
+	tick := time.NewTicker(pollInterval)
+	defer tick.Stop()
+	var err error
+	for {
+		if s.closeQuiet(grace, &rep) == 0 {
+			break
+		}
+		select {
+		case <-tick.C:
+			continue
+		case <-ctx.Done():
+			err = context.Cause(ctx)
+			rep.Cut = s.closeAll()
+		}
+		break
+	}
+	s.srv.Close() // nothing is left; this releases net/http's own state
+	s.mu.Lock()
+	rep.ClosedAfterResponse = s.closedSelf
+	rep.Hijacked = s.hijackedLeft
+	s.mu.Unlock()
+	rep.Requests = s.answered.Load()
+	rep.Duration = time.Since(s.drainStart)
+	return rep, err
+}
+
+// closeQuiet closes the connections that have been idle for grace since the
+// drain began and have no request arriving; it returns how many remain.
+func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		if c.closeIfQuiet(now, s.drainStart, grace) {
+			delete(s.conns, c)
+			rep.ClosedIdle++
+		}
+	}
+	return len(s.conns)
+}
+
+// closeAll closes every remaining connection; it returns how many there were.
+func (s *Server) closeAll() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		c.cut()
+		delete(s.conns, c)
+		n++
+	}
+	return n
+}
+
+func (s *Server) track(nc net.Conn) *conn {
+	c := &conn{Conn: nc, s: s}
+	c.setState(http.StateNew)
+	s.mu.Lock()
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	return c
+}
+
+// forget removes a connection that closed on its own.
+func (s *Server) forget(c *conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.conns[c]; !ok {
+		return
+	}
+	delete(s.conns, c)
+	switch {
+	case !s.draining.Load():
+	case c.state() == http.StateHijacked:
+		s.hijackedLeft++
+	default:
+		s.closedSelf++
+	}
+}
+
+func (s *Server) connState(nc net.Conn, st http.ConnState) {
+	c, ok := nc.(*conn)
+	if !ok {
+		return
+	}
+	switch st {
+	case http.StateClosed:
+		s.forget(c)
+	default:
+		c.setState(st)
+	}
+}
+
+// wrap counts requests and, while draining, says "Connection: close" in every
+// answer so that net/http closes the connection after it.
+func (s *Server) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.inFlight.Add(1)
+		defer func() {
+			s.inFlight.Add(-1)
+			if s.draining.Load() {
+				s.answered.Add(1)
+			}
+		}()
+		rw := &responseWriter{ResponseWriter: w, s: s}
+		h.ServeHTTP(rw, r)
+		rw.beforeHeader()
+	})
+}
+
+type listener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.s.track(nc), nil
+}

@@ -1,0 +1,180 @@
+package upgrader
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/cloudflare/tableflip"
+	"golang.org/x/sys/unix"
+)
+
+// tableflip's own marker variable and descriptors (v1.2.3, parent.go): the child
+// finds its parent by this variable, reads names on fd 4 and signals readiness on fd 3.
+const (
+	tableflipEnv     = "TABLEFLIP_HAS_PARENT_7DIU3"
+	tableflipReadyFd = 3
+	tableflipNamesFd = 4
+)
+
+// channelName is the name under which a generation passes its children one end
+// of a datagram socket pair: the parent sends a hello (the child's generation)
+// before the fork, and the child answers with a report (its PID and version) at
+// Ready, so that the parent learns which process took over.
+const channelName = "handoff-channel"
+
+// maxMessage bounds a datagram on the channel.
+const maxMessage = 4096
+
+type hello struct {
+	Generation int `json:"generation"`
+}
+
+type report struct {
+	PID        int    `json:"pid"`
+	Version    string `json:"version"`
+	Generation int    `json:"generation"`
+}
+
+// scrubInherited removes what tableflip leaves behind in a new process so that it
+// does not leak into processes the server starts: the marker variable, and the
+// close-on-exec flag on the two pipes it passes (it sets it only on fds 5 and up).
+func scrubInherited(tf *tableflip.Upgrader) {
+	if !tf.HasParent() {
+		return
+	}
+	os.Unsetenv(tableflipEnv)
+	syscall.CloseOnExec(tableflipReadyFd)
+	syscall.CloseOnExec(tableflipNamesFd)
+}
+
+// parentChannel is this generation's end of the channel to its parent; nil at
+// first start.
+type parentChannel struct{ conn *net.UnixConn }
+
+// claimParentChannel takes the channel from the parent, if there is one, and
+// reads the hello that was queued on it before the fork.
+func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
+	f, err := tf.File(channelName)
+	if err != nil || f == nil {
+		return nil, hello{}, err
+	}
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, hello{}, fmt.Errorf("open parent channel: %w", err)
+	}
+	conn := c.(*net.UnixConn)
+	var h hello
+	buf := make([]byte, maxMessage)
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := conn.Read(buf)
+	conn.SetReadDeadline(time.Time{})
+	if err != nil {
+		conn.Close()
+		return nil, hello{}, fmt.Errorf("read hello from parent: %w", err)
+	}
+	if err := json.Unmarshal(buf[:n], &h); err != nil {
+		conn.Close()
+		return nil, hello{}, fmt.Errorf("decode hello from parent: %w", err)
+	}
+	return &parentChannel{conn: conn}, h, nil
+}
+
+func (p *parentChannel) sendReport(r report) error {
+	if p == nil {
+		return nil
+	}
+	b, _ := json.Marshal(r)
+	_, err := p.conn.Write(b)
+	p.conn.Close()
+	return err
+}
+
+// childChannel is this generation's end of the channel to the children it starts;
+// made at the first upgrade and kept for the life of the process.
+type childChannel struct {
+	mine   *net.UnixConn // we read reports here
+	theirs *net.UnixConn // our copy of the children's end, kept to discard stale hellos
+}
+
+func newChildChannel(tf *tableflip.Upgrader) (*childChannel, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("create child channel: %w", err)
+	}
+	mine, err := fileUnixConn(fds[0], "handoff-channel-parent")
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, err
+	}
+	theirsFile := os.NewFile(uintptr(fds[1]), "handoff-channel-child")
+	defer theirsFile.Close()
+	if err := tf.AddFile(channelName, theirsFile); err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("pass child channel: %w", err)
+	}
+	c, err := net.FileConn(theirsFile)
+	if err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("open child channel: %w", err)
+	}
+	return &childChannel{mine: mine, theirs: c.(*net.UnixConn)}, nil
+}
+
+func fileUnixConn(fd int, name string) (*net.UnixConn, error) {
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", name, err)
+	}
+	return c.(*net.UnixConn), nil
+}
+
+// prepare discards what an earlier, failed child left on the channel and queues
+// the hello for the next one.
+func (c *childChannel) prepare(h hello) error {
+	discard(c.mine)
+	discard(c.theirs)
+	b, _ := json.Marshal(h)
+	_, err := c.mine.Write(b)
+	return err
+}
+
+// readReport waits up to timeout for the new generation's report.
+func (c *childChannel) readReport(timeout time.Duration) (report, error) {
+	var r report
+	buf := make([]byte, maxMessage)
+	c.mine.SetReadDeadline(time.Now().Add(timeout))
+	defer c.mine.SetReadDeadline(time.Time{})
+	n, err := c.mine.Read(buf)
+	if err != nil {
+		return r, fmt.Errorf("read report from new generation: %w", err)
+	}
+	if err := json.Unmarshal(buf[:n], &r); err != nil {
+		return r, fmt.Errorf("decode report from new generation: %w", err)
+	}
+	return r, nil
+}
+
+func (c *childChannel) Close() {
+	if c != nil {
+		c.mine.Close()
+		c.theirs.Close()
+	}
+}
+
+func discard(conn *net.UnixConn) {
+	buf := make([]byte, maxMessage)
+	conn.SetReadDeadline(time.Now())
+	defer conn.SetReadDeadline(time.Time{})
+	for {
+		if _, err := conn.Read(buf); err != nil {
+			return
+		}
+	}
+}

@@ -1,0 +1,506 @@
+package upgrader
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cloudflare/tableflip"
+)
+
+// DefaultUpgradeTimeout is how long a new process has to become ready when
+// Options.UpgradeTimeout is zero.
+const DefaultUpgradeTimeout = time.Minute
+
+// reportTimeout bounds the wait for a ready child's report; it was sent before
+// the child signalled readiness, so it is normally there already.
+const reportTimeout = 2 * time.Second
+
+// Options configure an Upgrader. The zero value works: no PID file, the default
+// upgrade timeout, no logs.
+type Options struct {
+	// PIDFile, if set, is written atomically with the ready generation's PID and
+	// removed by a final stop. A relative path is taken against the starting
+	// directory. New fails with ErrPIDFile if its directory is not writable.
+	PIDFile string
+	// UpgradeTimeout is how long a new process has to call Ready before it is
+	// killed and the upgrade fails with ErrTimeout. Zero means DefaultUpgradeTimeout.
+	UpgradeTimeout time.Duration
+	// Version is this binary's version, reported to the previous generation and
+	// logged. Empty means "dev".
+	Version string
+	// Logger receives a line for every step of the lifecycle, with the keys "pid"
+	// and "generation". Nil means no logs.
+	Logger *slog.Logger
+}
+
+// Result describes the generation that took over after a successful upgrade.
+type Result struct {
+	PID        int
+	Version    string
+	Generation int
+	Duration   time.Duration // from the start of the upgrade to the new generation's Ready
+}
+
+// Upgrader runs one generation's lifecycle. Create it with New, once per process.
+type Upgrader struct {
+	tf         *tableflip.Upgrader
+	opts       Options
+	log        *slog.Logger
+	binary     string
+	generation int
+	parent     *parentChannel
+
+	requests chan request
+	parentC  chan struct{} // closed when the previous generation has exited
+	readyC   chan struct{} // closed by Ready
+	stopC    chan struct{} // closed by Stop
+	forcedC  chan struct{} // closed by a second SIGTERM/SIGINT
+	doneC    chan struct{} // closed when the run loop has ended: handed off or stopped
+
+	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
+
+	mu       sync.Mutex
+	handedTo *Result
+	children *childChannel // made at the first upgrade
+	sigC     chan os.Signal
+}
+
+type request struct {
+	ctx     context.Context
+	trigger string // "signal" or "api"
+	wait    bool   // wait for a draining previous generation instead of failing
+	reply   chan outcome
+}
+
+type outcome struct {
+	res Result
+	err error
+}
+
+// New starts this process's generation: it inherits the previous generation's
+// listeners if there was one. Only one Upgrader may exist in a process.
+func New(opts Options) (*Upgrader, error) {
+	if opts.UpgradeTimeout <= 0 {
+		opts.UpgradeTimeout = DefaultUpgradeTimeout
+	}
+	if opts.Version == "" {
+		opts.Version = "dev"
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		return nil, fmt.Errorf("get working directory: %w", err)
+	}
+	binary, err := resolveBinary(os.Args[0], wd)
+	if err != nil {
+		return nil, err
+	}
+	if opts.PIDFile != "" {
+		if !filepath.IsAbs(opts.PIDFile) {
+			opts.PIDFile = filepath.Join(wd, opts.PIDFile)
+		}
+		if err := checkPIDFileDir(opts.PIDFile); err != nil {
+			return nil, err
+		}
+	}
+
+	// tableflip execs os.Args[0]; make it the path resolved now.
+	os.Args[0] = binary
+	tf, err := tableflip.New(tableflip.Options{UpgradeTimeout: opts.UpgradeTimeout})
+	if err != nil {
+		return nil, fmt.Errorf("start upgrader: %w", err)
+	}
+	scrubInherited(tf)
+
+	u := &Upgrader{
+		tf:         tf,
+		opts:       opts,
+		binary:     binary,
+		generation: 1,
+		requests:   make(chan request),
+		parentC:    make(chan struct{}),
+		readyC:     make(chan struct{}),
+		stopC:      make(chan struct{}),
+		forcedC:    make(chan struct{}),
+		doneC:      make(chan struct{}),
+	}
+	parent, h, err := claimParentChannel(tf)
+	if err != nil {
+		tf.Stop()
+		return nil, err
+	}
+	if parent != nil {
+		u.parent, u.generation = parent, h.Generation
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
+
+	if tf.HasParent() {
+		u.log.Info("started by previous generation", "parent_pid", os.Getppid(), "binary", binary)
+		go func() {
+			err := tf.WaitForParent(context.Background())
+			if err != nil {
+				u.log.Warn("previous generation exited uncleanly", "error", err)
+			} else {
+				u.log.Info("previous generation exited")
+			}
+			close(u.parentC)
+		}()
+	} else {
+		close(u.parentC)
+	}
+	go u.run()
+	return u, nil
+}
+
+// Generation is 1 for the first process and one more for each upgrade since.
+func (u *Upgrader) Generation() int { return u.generation }
+
+// Binary is the absolute path that an upgrade execs.
+func (u *Upgrader) Binary() string { return u.binary }
+
+// HasParent reports whether this generation was started by an upgrade.
+func (u *Upgrader) HasParent() bool { return u.tf.HasParent() }
+
+// SplitAddr splits a listen address as the command line gives it: "unix:/path"
+// is a Unix socket, anything else a TCP host:port.
+func SplitAddr(spec string) (network, addr string) {
+	if rest, ok := strings.CutPrefix(spec, "unix:"); ok {
+		return "unix", rest
+	}
+	return "tcp", spec
+}
+
+// Listen returns the listener for network ("tcp", "tcp4", "tcp6" or "unix") and
+// addr inherited from the previous generation, or creates one. The same network
+// and addr strings must be used in every generation: they are the key.
+func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
+	if network == "unix" {
+		if ln, err := u.tf.Listener(network, addr); ln != nil || err != nil {
+			return ln, err
+		}
+		removeStaleSocket(addr)
+	}
+	ln, err := u.tf.Listen(network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
+	}
+	return ln, nil
+}
+
+// ListenPacket is Listen for datagram sockets ("udp", "udp4", "udp6", "unixgram").
+func (u *Upgrader) ListenPacket(network, addr string) (net.PacketConn, error) {
+	pc, err := u.tf.ListenPacket(network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
+	}
+	return pc, nil
+}
+
+// Ready says that the application has initialised and can serve. It writes the
+// PID file, tells the previous generation, which then stops accepting and
+// drains, and closes inherited descriptors that nobody claimed.
+func (u *Upgrader) Ready() error {
+	var err error
+	u.readyOnce.Do(func() {
+		if u.opts.PIDFile != "" {
+			if err = writePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
+				return
+			}
+		}
+		// The report goes first: the parent reads it once tableflip says ready.
+		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation}); err != nil {
+			u.log.Warn("cannot report to previous generation", "error", err)
+			err = nil
+		}
+		if err = u.tf.Ready(); err != nil {
+			err = fmt.Errorf("signal ready: %w", err)
+			return
+		}
+		close(u.readyC)
+		u.log.Info("ready", "version", u.opts.Version)
+	})
+	return err
+}
+
+// Upgrade execs a new generation and blocks until it is ready, exits, or the
+// upgrade timeout passes; ctx bounds only the wait, not the upgrade. It fails at
+// once with ErrUpgradeInProgress, ErrParentDraining or ErrNotReady when another
+// upgrade runs, the previous generation still drains, or Ready was not called.
+// The binary is checked before anything is forked (ErrBinaryMissing,
+// ErrBinaryNotExecutable); a new process that exits early gives an *ExitError,
+// one that hangs ErrTimeout. On success, Done is closed.
+func (u *Upgrader) Upgrade(ctx context.Context) (Result, error) {
+	return u.request(ctx, "api", false)
+}
+
+// UpgradeAfterDrain is Upgrade, except that it waits for this generation to be
+// ready and for the previous generation to exit instead of failing. Requests
+// that wait together share one upgrade.
+func (u *Upgrader) UpgradeAfterDrain(ctx context.Context) (Result, error) {
+	return u.request(ctx, "api", true)
+}
+
+func (u *Upgrader) request(ctx context.Context, trigger string, wait bool) (Result, error) {
+	req := request{ctx: ctx, trigger: trigger, wait: wait, reply: make(chan outcome, 1)}
+	select {
+	case u.requests <- req:
+	case <-u.doneC:
+		return Result{}, u.finalErr()
+	case <-ctx.Done():
+		return Result{}, context.Cause(ctx)
+	}
+	select {
+	case o := <-req.reply:
+		return o.res, o.err
+	case <-ctx.Done():
+		return Result{}, context.Cause(ctx)
+	}
+}
+
+func (u *Upgrader) finalErr() error {
+	if u.HandedOff() != nil {
+		return ErrHandedOff
+	}
+	return ErrStopping
+}
+
+// run owns the upgrade state: requests, signals and outcomes are messages to it.
+func (u *Upgrader) run() {
+	defer close(u.doneC)
+	var (
+		ready    = u.readyC
+		parent   = u.parentC
+		attempt  chan outcome // non-nil while an upgrade runs
+		waiting  []request    // replied to when the running upgrade ends
+		queued   []request    // wait for ready and the previous generation's exit
+		queuedBy = map[string]bool{}
+	)
+	reply := func(reqs []request, o outcome) {
+		for _, r := range reqs {
+			r.reply <- o
+		}
+	}
+	start := func() {
+		attempt = make(chan outcome, 1)
+		go func(c chan outcome) { c <- u.attempt() }(attempt)
+	}
+	for {
+		canStart := ready == nil && parent == nil
+		if canStart && attempt == nil && len(queued) > 0 {
+			waiting, queued, queuedBy = queued, nil, map[string]bool{}
+			u.log.Info("running queued upgrade")
+			start()
+		}
+		select {
+		case <-ready:
+			ready = nil
+		case <-parent:
+			parent = nil
+		case req := <-u.requests:
+			u.log.Info("upgrade requested", "trigger", req.trigger)
+			switch {
+			case attempt != nil && req.trigger == "signal":
+				u.log.Info("upgrade ignored", "reason", "upgrade in progress")
+				req.reply <- outcome{err: ErrUpgradeInProgress}
+			case attempt != nil:
+				req.reply <- outcome{err: ErrUpgradeInProgress}
+			case !canStart && !req.wait:
+				err := ErrParentDraining
+				if ready != nil {
+					err = ErrNotReady
+				}
+				req.reply <- outcome{err: err}
+			case !canStart:
+				reason := "previous generation still draining"
+				if ready != nil {
+					reason = "this generation not ready yet"
+				}
+				if !queuedBy[req.trigger] || req.trigger != "signal" {
+					u.log.Info("upgrade queued", "reason", reason)
+				}
+				queuedBy[req.trigger] = true
+				queued = append(queued, req)
+			default:
+				waiting = []request{req}
+				start()
+			}
+		case o := <-attempt:
+			attempt = nil
+			reply(waiting, o)
+			waiting = nil
+			if o.err == nil {
+				u.mu.Lock()
+				u.handedTo = &o.res
+				u.mu.Unlock()
+				u.log.Info("upgrade succeeded", "new_pid", o.res.PID, "new_version", o.res.Version,
+					"new_generation", o.res.Generation, "duration", o.res.Duration)
+				reply(queued, outcome{res: o.res, err: ErrHandedOff})
+				return
+			}
+			u.log.Error("upgrade failed", "kind", Kind(o.err), "error", o.err.Error())
+		case <-u.stopC:
+			reply(queued, outcome{err: ErrStopping})
+			if attempt != nil {
+				reply(waiting, <-attempt) // tableflip kills the child and answers "terminating"
+			}
+			return
+		}
+	}
+}
+
+// attempt runs one upgrade; it is the only caller of tableflip's Upgrade.
+func (u *Upgrader) attempt() outcome {
+	started := time.Now()
+	if err := checkBinary(u.binary); err != nil {
+		return outcome{err: err}
+	}
+	ch, err := u.childChannel()
+	if err != nil {
+		return outcome{err: err}
+	}
+	if err := ch.prepare(hello{Generation: u.generation + 1}); err != nil {
+		return outcome{err: fmt.Errorf("prepare child channel: %w", err)}
+	}
+	u.log.Info("starting new generation", "binary", u.binary)
+	if err := fromTableflip(u.tf.Upgrade()); err != nil {
+		return outcome{err: err}
+	}
+	res := Result{Generation: u.generation + 1, Duration: time.Since(started)}
+	if r, err := ch.readReport(reportTimeout); err != nil {
+		u.log.Warn("new generation is ready but sent no report", "error", err)
+	} else {
+		res.PID, res.Version = r.PID, r.Version
+	}
+	return outcome{res: res}
+}
+
+func (u *Upgrader) childChannel() (*childChannel, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.children == nil {
+		ch, err := newChildChannel(u.tf)
+		if err != nil {
+			return nil, err
+		}
+		u.children = ch
+	}
+	return u.children, nil
+}
+
+// HandedOff returns the generation that took over, or nil.
+func (u *Upgrader) HandedOff() *Result {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.handedTo
+}
+
+// Done is closed when this generation must stop serving: a new generation is
+// ready (HandedOff is then non-nil), or Stop was called.
+func (u *Upgrader) Done() <-chan struct{} { return u.doneC }
+
+// Forced is closed when a second SIGTERM or SIGINT asks to stop at once.
+func (u *Upgrader) Forced() <-chan struct{} { return u.forcedC }
+
+// DrainContext returns the context a drain should run under: it ends after
+// timeout (cause context.DeadlineExceeded) or at a second SIGTERM/SIGINT (cause
+// ErrForced).
+func (u *Upgrader) DrainContext(parent context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	forced, cancelForced := context.WithCancelCause(parent)
+	ctx, cancel := context.WithTimeoutCause(forced, timeout,
+		fmt.Errorf("drain deadline of %v: %w", timeout, context.DeadlineExceeded))
+	go func() {
+		select {
+		case <-u.forcedC:
+			cancelForced(ErrForced)
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() {
+		cancel()
+		cancelForced(context.Canceled)
+	}
+}
+
+// HandleSignals makes SIGHUP upgrade (queued while the previous generation
+// drains, ignored while an upgrade runs), the first SIGTERM or SIGINT Stop, and
+// the second close Forced. It returns at once; Close undoes it.
+func (u *Upgrader) HandleSignals() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.sigC != nil {
+		return
+	}
+	u.sigC = make(chan os.Signal, 16)
+	signal.Notify(u.sigC, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	go func(c chan os.Signal) {
+		stops := 0
+		for sig := range c {
+			switch sig {
+			case syscall.SIGHUP:
+				go u.signalUpgrade()
+			default:
+				stops++
+				u.log.Info("stop requested", "signal", sig.String(), "count", stops)
+				if stops == 1 {
+					u.Stop()
+				} else {
+					u.forceOnce.Do(func() { close(u.forcedC) })
+				}
+			}
+		}
+	}(u.sigC)
+}
+
+func (u *Upgrader) signalUpgrade() {
+	// Queued requests are answered when the loop ends, so this never outlives it.
+	_, _ = u.request(context.Background(), "signal", true)
+}
+
+// Stop ends upgrades: a running one is abandoned (its process killed), and Done
+// is closed. The listeners stay open for the drain; Unix socket files are removed
+// unless a new generation took over.
+func (u *Upgrader) Stop() {
+	u.stopOnce.Do(func() {
+		close(u.stopC)
+		u.tf.Stop()
+	})
+}
+
+// Close releases the generation: it stops signal handling, ends the upgrade loop
+// and, after a final stop (no new generation took over), removes the PID file.
+// Call it last, after the drain.
+func (u *Upgrader) Close() error {
+	var err error
+	u.closeOnce.Do(func() {
+		u.mu.Lock()
+		if u.sigC != nil {
+			signal.Stop(u.sigC)
+			close(u.sigC)
+		}
+		u.mu.Unlock()
+		u.Stop()
+		<-u.doneC
+		u.mu.Lock()
+		u.children.Close()
+		handed := u.handedTo != nil
+		u.mu.Unlock()
+		if u.opts.PIDFile != "" && !handed {
+			err = removePIDFile(u.opts.PIDFile, os.Getpid())
+		}
+		u.log.Info("exiting")
+	})
+	return err
+}

@@ -71,7 +71,7 @@ func (c *conn) closeIfQuiet(now, drainStart time.Time, grace time.Duration) bool
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
-		return true
+		return false // closing on its own; forget removes it
 	}
 	if c.st != http.StateIdle && c.st != http.StateNew {
 		return false
@@ -121,6 +121,7 @@ type responseWriter struct {
 	http.ResponseWriter
 	s           *Server
 	wroteHeader bool
+	hijacked    bool
 }
 
 func (w *responseWriter) beforeHeader() {
@@ -162,7 +163,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if !ok {
 		return nil, nil, errors.New("server: response writer cannot hijack")
 	}
-	w.wroteHeader = true
+	w.wroteHeader, w.hijacked = true, true
 	return h.Hijack()
 }
 

@@ -274,14 +274,14 @@ func (s *Server) connState(nc net.Conn, st http.ConnState) {
 // answer so that net/http closes the connection after it.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rw := &responseWriter{ResponseWriter: w, s: s}
 		s.inFlight.Add(1)
 		defer func() {
 			s.inFlight.Add(-1)
-			if s.draining.Load() {
+			if s.draining.Load() && !rw.hijacked {
 				s.answered.Add(1)
 			}
 		}()
-		rw := &responseWriter{ResponseWriter: w, s: s}
 		h.ServeHTTP(rw, r)
 		rw.beforeHeader()
 	})

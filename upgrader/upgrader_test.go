@@ -1,0 +1,210 @@
+package upgrader
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The test binary is re-exec'd by tableflip as the new generation; these
+// variables, set by the test before each upgrade, tell it how to behave.
+const (
+	childModeEnv = "UPGRADER_TEST_CHILD" // ok, exit, hang
+	childOutEnv  = "UPGRADER_TEST_OUT"   // where the ok child writes what it saw
+	childPIDEnv  = "UPGRADER_TEST_PIDFILE"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(tableflipEnv) != "" {
+		os.Exit(childMain())
+	}
+	os.Exit(m.Run())
+}
+
+// childSaw is what a new generation reports back to the test.
+type childSaw struct {
+	Generation  int      `json:"generation"`
+	Addr        string   `json:"addr"`
+	MarkerInEnv string   `json:"marker_in_env"` // tableflip's variable as a subprocess sees it
+	SubprocFds  []string `json:"subproc_fds"`   // open descriptors of a subprocess
+}
+
+func childMain() int {
+	switch os.Getenv(childModeEnv) {
+	case "exit":
+		fmt.Fprintln(os.Stderr, "child: failing on purpose")
+		return 3
+	case "hang":
+		time.Sleep(time.Hour) // never ready: tableflip kills it at the upgrade timeout
+	}
+	u, err := New(Options{Version: "v-child", PIDFile: os.Getenv(childPIDEnv)})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	ln, err := u.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	saw := childSaw{Generation: u.Generation(), Addr: ln.Addr().String()}
+	fds, err := exec.Command("ls", "/proc/self/fd").Output()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	env, err := exec.Command("env").Output()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	saw.SubprocFds = strings.Fields(string(fds))
+	for _, kv := range strings.Split(string(env), "\n") {
+		if v, ok := strings.CutPrefix(kv, tableflipEnv+"="); ok {
+			saw.MarkerInEnv = v
+		}
+	}
+	b, _ := json.Marshal(saw)
+	if err := os.WriteFile(os.Getenv(childOutEnv), b, 0o644); err != nil {
+		return 1
+	}
+	if err := u.Ready(); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	return 0
+}
+
+// One real upgrader per process (tableflip's rule), so one test walks through
+// the outcomes in order, each upgrade a real exec of this test binary.
+func TestUpgradeOutcomes(t *testing.T) {
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "app.pid")
+	out := filepath.Join(dir, "child.json")
+	t.Setenv(childPIDEnv, pidFile)
+	t.Setenv(childOutEnv, out)
+
+	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: time.Second, Version: "v-parent"})
+	require.NoError(t, err)
+	t.Cleanup(func() { u.Close() })
+	assert.Equal(t, 1, u.Generation())
+	assert.False(t, u.HasParent())
+	ln, err := u.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	t.Run("not ready", func(t *testing.T) {
+		_, err := u.Upgrade(ctx)
+		assert.ErrorIs(t, err, ErrNotReady)
+	})
+	require.NoError(t, u.Ready())
+	b, err := os.ReadFile(pidFile)
+	require.NoError(t, err)
+	assert.Equal(t, strconv.Itoa(os.Getpid())+"\n", string(b))
+
+	binary := u.binary
+	t.Run("binary missing", func(t *testing.T) {
+		u.binary = filepath.Join(dir, "missing")
+		defer func() { u.binary = binary }()
+		_, err := u.Upgrade(ctx)
+		assert.ErrorIs(t, err, ErrBinaryMissing)
+	})
+	t.Run("binary not executable", func(t *testing.T) {
+		u.binary = out + ".plain"
+		require.NoError(t, os.WriteFile(u.binary, []byte("x"), 0o644))
+		defer func() { u.binary = binary }()
+		_, err := u.Upgrade(ctx)
+		assert.ErrorIs(t, err, ErrBinaryNotExecutable)
+	})
+	t.Run("new process exits", func(t *testing.T) {
+		t.Setenv(childModeEnv, "exit")
+		_, err := u.Upgrade(ctx)
+		var exit *ExitError
+		require.ErrorAs(t, err, &exit)
+		assert.Equal(t, 3, exit.Code)
+		assert.Positive(t, exit.PID)
+	})
+	t.Run("new process hangs, and a second upgrade meanwhile is refused", func(t *testing.T) {
+		t.Setenv(childModeEnv, "hang")
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() {
+				_, err := u.Upgrade(ctx)
+				errs <- err
+			}()
+		}
+		got := []string{Kind(<-errs), Kind(<-errs)}
+		assert.ElementsMatch(t, []string{"in-progress", "timeout"}, got)
+	})
+	select {
+	case <-u.Done():
+		t.Fatal("failed upgrades must not end this generation")
+	default:
+	}
+
+	t.Run("ready child takes over", func(t *testing.T) {
+		// What a subprocess of this test process sees: stdio, the directory
+		// handle of ls, and whatever this process itself inherited.
+		baseline, err := exec.Command("ls", "/proc/self/fd").Output()
+		require.NoError(t, err)
+		t.Setenv(childModeEnv, "ok")
+		res, err := u.Upgrade(ctx)
+		require.NoError(t, err)
+		assert.Equal(t, "v-child", res.Version)
+		assert.Equal(t, 2, res.Generation)
+		assert.Positive(t, res.PID)
+		assert.NotEqual(t, os.Getpid(), res.PID)
+		assert.Equal(t, &res, u.HandedOff())
+		select {
+		case <-u.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatal("Done not closed after a successful upgrade")
+		}
+
+		b, err := os.ReadFile(pidFile)
+		require.NoError(t, err)
+		assert.Equal(t, strconv.Itoa(res.PID)+"\n", string(b), "the PID file names the new generation")
+
+		var saw childSaw
+		b, err = os.ReadFile(out)
+		require.NoError(t, err)
+		require.NoError(t, json.Unmarshal(b, &saw))
+		assert.Equal(t, 2, saw.Generation)
+		assert.Equal(t, ln.Addr().String(), saw.Addr, "the listener was inherited")
+		assert.Empty(t, saw.MarkerInEnv, "tableflip's marker does not reach subprocesses")
+		assert.Equal(t, strings.Fields(string(baseline)), saw.SubprocFds,
+			"no descriptor of the handoff reaches a subprocess of the new generation")
+
+		_, err = u.Upgrade(ctx)
+		assert.ErrorIs(t, err, ErrHandedOff)
+	})
+	require.NoError(t, u.Close())
+	assert.FileExists(t, pidFile, "a generation that handed off leaves the PID file to its successor")
+}
+
+func TestDrainContextEndsOnForce(t *testing.T) {
+	u := &Upgrader{forcedC: make(chan struct{})}
+	ctx, cancel := u.DrainContext(context.Background(), time.Hour)
+	defer cancel()
+	close(u.forcedC)
+	<-ctx.Done()
+	assert.ErrorIs(t, context.Cause(ctx), ErrForced)
+
+	ctx2, cancel2 := (&Upgrader{forcedC: make(chan struct{})}).DrainContext(context.Background(), time.Millisecond)
+	defer cancel2()
+	<-ctx2.Done()
+	assert.ErrorIs(t, context.Cause(ctx2), context.DeadlineExceeded)
+}

@@ -35,6 +35,8 @@ func TestMain(m *testing.M) {
 type childSaw struct {
 	Generation  int      `json:"generation"`
 	Addr        string   `json:"addr"`
+	UDPAddr     string   `json:"udp_addr"`
+	UnixAddr    string   `json:"unix_addr"`
 	MarkerInEnv string   `json:"marker_in_env"` // tableflip's variable as a subprocess sees it
 	SubprocFds  []string `json:"subproc_fds"`   // open descriptors of a subprocess
 }
@@ -57,7 +59,18 @@ func childMain() int {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
 	}
-	saw := childSaw{Generation: u.Generation(), Addr: ln.Addr().String()}
+	pc, err := u.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	ul, err := u.Listen("unix", os.Getenv(childOutEnv)+".sock")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	saw := childSaw{Generation: u.Generation(), Addr: ln.Addr().String(),
+		UDPAddr: pc.LocalAddr().String(), UnixAddr: ul.Addr().String()}
 	fds, err := exec.Command("ls", "/proc/self/fd").Output()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
@@ -102,6 +115,12 @@ func TestUpgradeOutcomes(t *testing.T) {
 	ln, err := u.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer ln.Close()
+	pc, err := u.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer pc.Close()
+	ul, err := u.Listen("unix", out+".sock")
+	require.NoError(t, err)
+	defer ul.Close()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -183,7 +202,9 @@ func TestUpgradeOutcomes(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, json.Unmarshal(b, &saw))
 		assert.Equal(t, 2, saw.Generation)
-		assert.Equal(t, ln.Addr().String(), saw.Addr, "the listener was inherited")
+		assert.Equal(t, ln.Addr().String(), saw.Addr, "the TCP listener was inherited")
+		assert.Equal(t, pc.LocalAddr().String(), saw.UDPAddr, "the UDP socket was inherited")
+		assert.Equal(t, ul.Addr().String(), saw.UnixAddr, "the Unix listener was inherited")
 		assert.Empty(t, saw.MarkerInEnv, "tableflip's marker does not reach subprocesses")
 		assert.Equal(t, strings.Fields(string(baseline)), saw.SubprocFds,
 			"no descriptor of the handoff reaches a subprocess of the new generation")

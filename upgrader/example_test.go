@@ -1,0 +1,48 @@
+package upgrader_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/handoff-dev/handoff/server"
+	"github.com/handoff-dev/handoff/upgrader"
+)
+
+// A complete server that upgrades itself on SIGHUP: the new process inherits the
+// listener, opens its resources, says Ready; the old one then drains and exits.
+func Example() {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid", Logger: log})
+	if err != nil {
+		log.Error("cannot start", "error", err)
+		os.Exit(1)
+	}
+	defer upg.Close()  // last: removes the PID file after a final stop
+	upg.HandleSignals() // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
+
+	ln, err := upg.Listen("tcp", "127.0.0.1:8080") // inherited after an upgrade
+	if err != nil {
+		log.Error("cannot listen", "error", err)
+		os.Exit(3)
+	}
+	// Open databases and files here, before Ready: until then the old process serves.
+	srv := &server.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "Hello World !!!")
+	})}
+	go srv.Serve(ln)
+	if err := upg.Ready(); err != nil {
+		log.Error("cannot become ready", "error", err)
+		os.Exit(1)
+	}
+
+	<-upg.Done() // a new generation is ready, or a stop was asked for
+	ctx, cancel := upg.DrainContext(context.Background(), 30*time.Second)
+	defer cancel()
+	report, err := srv.Drain(ctx)
+	log.Info("drained", "requests", report.Requests, "cut", report.Cut, "error", err)
+	// Close databases and files here.
+}

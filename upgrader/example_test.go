@@ -21,7 +21,7 @@ func Example() {
 		log.Error("cannot start", "error", err)
 		os.Exit(1)
 	}
-	defer upg.Close()  // last: removes the PID file after a final stop
+	defer upg.Close()   // last: removes the PID file after a final stop
 	upg.HandleSignals() // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
 
 	ln, err := upg.Listen("tcp", "127.0.0.1:8080") // inherited after an upgrade

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -38,6 +39,8 @@ const (
 	exitUsage   = 2 // bad command line
 	exitListen  = 3 // cannot listen on an address
 	exitPIDFile = 4 // cannot write the PID file
+	exitNoReply = 5 // upgrade, status: nothing answers on the control socket
+	exitTimeout = 6 // upgrade: no outcome within --timeout (the upgrade may still finish)
 )
 
 const maxSlowMS = 60000
@@ -47,10 +50,15 @@ func main() {
 }
 
 const usage = `usage:
-  handoff serve [flags]   serve HTTP; SIGHUP upgrades to the binary now at the same path
-  handoff load [flags]    send a constant-rate load that never retries; exit 1 if any request failed
-  handoff version         print the version
-Run "handoff serve -h" or "handoff load -h" for their flags.
+  handoff serve [flags]     serve HTTP; SIGHUP upgrades to the binary now at the same path
+  handoff upgrade [flags]   upgrade a running server and wait for the verdict
+  handoff status [flags]    show a running server's generation, phase and last upgrade
+  handoff load [flags]      send a constant-rate load that never retries; exit 1 if any request failed
+  handoff version           print the version
+Run "handoff COMMAND -h" for a command's flags.
+Exit codes: 0 ok, 1 failed (upgrade: the old process keeps serving), 2 bad usage,
+3 cannot listen, 4 cannot write the PID file, 5 nothing answers on the control socket,
+6 no verdict within --timeout.
 `
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -63,6 +71,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args[1:], stderr)
 	case "load":
 		return load(args[1:], stdout, stderr)
+	case "upgrade":
+		return upgrade(args[1:], stdout, stderr)
+	case "status":
+		return status(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, version)
 		return exitOK
@@ -88,6 +100,9 @@ func serve(args []string, stderr io.Writer) int {
 	upgradeTimeout := fs.Duration("upgrade-timeout", upgrader.DefaultUpgradeTimeout, "how long a new process has to become ready")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long the old process may take to finish its requests")
 	logFormat := fs.String("log-format", "text", "text or json")
+	control := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
+	preflight := fs.Bool("preflight", false, "before an upgrade, run the new binary with these flags and --check; a failure stops the upgrade")
+	check := fs.Bool("check", false, "check the flags and what they name, print the verdict and exit (0 when fine)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -112,14 +127,27 @@ func serve(args []string, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{"127.0.0.1:8080"}
 	}
-
-	base := slog.New(handler)
-	upg, err := upgrader.New(upgrader.Options{
+	if *control == "" && *pidFile != "" {
+		*control = *pidFile + ".sock"
+	}
+	srv := &server.Server{Handler: newMux()}
+	opts := upgrader.Options{
 		PIDFile:        *pidFile,
 		UpgradeTimeout: *upgradeTimeout,
 		Version:        version,
-		Logger:         base,
-	})
+		ControlPath:    *control,
+		InFlight:       srv.InFlight,
+	}
+	if *preflight {
+		opts.Preflight = append(append([]string{"serve"}, args...), "--check")
+	}
+	if *check {
+		return checkServe(opts, listen, stderr)
+	}
+
+	base := slog.New(handler)
+	opts.Logger = base
+	upg, err := upgrader.New(opts)
 	if err != nil {
 		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
 		if errors.Is(err, upgrader.ErrPIDFile) {
@@ -131,7 +159,7 @@ func serve(args []string, stderr io.Writer) int {
 	upg.HandleSignals()
 	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
 
-	srv := &server.Server{Handler: newMux(), Logger: log}
+	srv.Logger = log
 	serveErr := make(chan error, len(listen))
 	for _, spec := range listen {
 		network, addr := upgrader.SplitAddr(spec)
@@ -175,6 +203,164 @@ func serve(args []string, stderr io.Writer) int {
 		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut,
 		"duration", rep.Duration, "cause", errString(err))
 	return code
+}
+
+// checkServe is --check: what serve would need, without binding or writing.
+func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
+	fail := func(code int, format string, a ...any) int {
+		fmt.Fprintf(stderr, "handoff serve --check: "+format+"\n", a...)
+		return code
+	}
+	for _, spec := range listen {
+		network, addr := upgrader.SplitAddr(spec)
+		if network == "unix" {
+			if fi, err := os.Stat(filepath.Dir(addr)); err != nil || !fi.IsDir() {
+				return fail(exitListen, "--listen %s: directory %s does not exist", spec, filepath.Dir(addr))
+			}
+		} else if _, err := net.ResolveTCPAddr(network, addr); err != nil {
+			return fail(exitListen, "--listen %s: %v", spec, err)
+		}
+	}
+	if err := upgrader.Check(opts); err != nil {
+		if errors.Is(err, upgrader.ErrPIDFile) {
+			return fail(exitPIDFile, "%v", err)
+		}
+		return fail(exitFailure, "%v", err)
+	}
+	fmt.Fprintf(stderr, "handoff serve --check: ok (version %s)\n", version)
+	return exitOK
+}
+
+// controlFlags are the flags that find a running server's control socket.
+func controlFlags(fs *flag.FlagSet) func() (string, error) {
+	control := fs.String("control", "", "the server's control socket")
+	pidFile := fs.String("pidfile", "", "the server's PID file; the control socket is beside it (FILE.sock)")
+	return func() (string, error) {
+		switch {
+		case *control != "":
+			return *control, nil
+		case *pidFile != "":
+			return *pidFile + ".sock", nil
+		}
+		return "", errors.New("--control PATH or --pidfile FILE is required")
+	}
+}
+
+func upgrade(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff upgrade", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := controlFlags(fs)
+	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the verdict")
+	wait := fs.Bool("wait", false, "if the previous generation is still draining, wait for it instead of failing")
+	asJSON := fs.Bool("json", false, "print the answer as JSON")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	sock, err := path()
+	if err != nil || fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "handoff upgrade: %v\n", orUnexpected(err, fs))
+		return exitUsage
+	}
+	ctx, cancel := context.WithTimeoutCause(context.Background(), *timeout,
+		fmt.Errorf("no verdict within %v; the upgrade may still finish: run handoff status", *timeout))
+	defer cancel()
+	ans, err := upgrader.Ask(ctx, sock, upgrader.Request{Cmd: "upgrade", Wait: *wait})
+	if code, done := askFailed("upgrade", err, ctx, stderr); done {
+		return code
+	}
+	if *asJSON {
+		json.NewEncoder(stdout).Encode(ans)
+	}
+	o := ans.Upgrade
+	if ans.OK {
+		if !*asJSON {
+			fmt.Fprintf(stdout, "upgraded: pid %d -> %d, version %s, generation %d, ready in %.1f ms\n",
+				ans.PID, o.PID, o.Version, o.Generation, o.DurationMS)
+		}
+		return exitOK
+	}
+	if !*asJSON {
+		fmt.Fprintf(stderr, "upgrade failed: %s\n", ans.Error)
+		if o != nil && o.ExitStatus != "" {
+			fmt.Fprintf(stderr, "  new process %d: %s\n", o.PID, o.ExitStatus)
+		}
+		if o != nil && len(o.Stderr) > 0 {
+			fmt.Fprintf(stderr, "  its last lines of output:\n")
+			for _, l := range o.Stderr {
+				fmt.Fprintf(stderr, "    %s\n", l)
+			}
+		}
+		fmt.Fprintf(stderr, "pid %d keeps serving\n", ans.PID)
+	}
+	return exitFailure
+}
+
+func status(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := controlFlags(fs)
+	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for the answer")
+	asJSON := fs.Bool("json", false, "print the status as JSON")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	sock, err := path()
+	if err != nil || fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "handoff status: %v\n", orUnexpected(err, fs))
+		return exitUsage
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	ans, err := upgrader.Ask(ctx, sock, upgrader.Request{Cmd: "status"})
+	if code, done := askFailed("status", err, ctx, stderr); done {
+		return code
+	}
+	if *asJSON {
+		json.NewEncoder(stdout).Encode(ans.Status)
+		return exitOK
+	}
+	st := ans.Status
+	fmt.Fprintf(stdout, "pid %d, generation %d, version %s, up since %s\n", st.PID, st.Generation, st.Version,
+		st.Started.Format(time.RFC3339))
+	fmt.Fprintf(stdout, "phase: %s", st.Phase)
+	if st.PreviousPID != 0 {
+		fmt.Fprintf(stdout, " (previous generation %d still draining)", st.PreviousPID)
+	}
+	fmt.Fprintf(stdout, "\nin flight: %d requests\n", st.InFlight)
+	for _, l := range st.Listeners {
+		fmt.Fprintf(stdout, "listening: %s %s\n", l.Network, l.Addr)
+	}
+	if o := st.LastUpgrade; o != nil {
+		verdict := "ok"
+		if !o.OK {
+			verdict = "failed: " + o.Error
+		}
+		fmt.Fprintf(stdout, "last upgrade: %s, %s\n", o.At.Format(time.RFC3339), verdict)
+	}
+	return exitOK
+}
+
+// askFailed maps a failed control request to an exit code.
+func askFailed(cmd string, err error, ctx context.Context, stderr io.Writer) (int, bool) {
+	switch {
+	case err == nil:
+		return 0, false
+	case errors.Is(err, upgrader.ErrNoAnswer):
+		fmt.Fprintf(stderr, "handoff %s: %v (is handoff serve running with --control or --pidfile?)\n", cmd, err)
+		return exitNoReply, true
+	case ctx.Err() != nil:
+		fmt.Fprintf(stderr, "handoff %s: %v\n", cmd, err)
+		return exitTimeout, true
+	}
+	fmt.Fprintf(stderr, "handoff %s: %v\n", cmd, err)
+	return exitFailure, true
+}
+
+func orUnexpected(err error, fs *flag.FlagSet) error {
+	if err != nil {
+		return err
+	}
+	return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 }
 
 func errString(err error) string {

@@ -32,22 +32,67 @@ var (
 	ErrPIDFile = errors.New("cannot write pid file")
 	// ErrForced: the drain was cut short by a second SIGTERM or SIGINT.
 	ErrForced = errors.New("forced stop: second signal")
+	// ErrPreflight: the new binary's check command failed; nothing was forked to serve.
+	ErrPreflight = errors.New("preflight check failed")
 )
 
 // ExitError reports a new process that exited before it was ready.
 type ExitError struct {
-	PID    int    // the new process's PID
-	Status string // as os.ProcessState says it: "exit status 1", "signal: killed"
-	Code   int    // the exit code, or -1 when it was killed by a signal
+	PID    int      // the new process's PID
+	Status string   // as os.ProcessState says it: "exit status 1", "signal: killed"
+	Code   int      // the exit code, or -1 when it was killed by a signal
+	Stderr []string // the last lines it wrote to stderr
 }
 
 func (e *ExitError) Error() string {
 	return fmt.Sprintf("new process %d exited before ready: %s", e.PID, e.Status)
 }
 
+// TimeoutError reports a new process killed for not becoming ready in time; it
+// matches ErrTimeout.
+type TimeoutError struct {
+	PID    int
+	Stderr []string // the last lines it wrote to stderr
+}
+
+func (e *TimeoutError) Error() string {
+	return fmt.Sprintf("new process %d timed out before ready and was killed", e.PID)
+}
+
+func (e *TimeoutError) Unwrap() error { return ErrTimeout }
+
+// PreflightError reports a failed check of the new binary; it matches ErrPreflight.
+type PreflightError struct {
+	Status string   // "exit status 1", or why it could not run
+	Output []string // the last lines of its output
+}
+
+func (e *PreflightError) Error() string {
+	msg := "preflight check failed: " + e.Status
+	if n := len(e.Output); n > 0 {
+		msg += ": " + e.Output[n-1]
+	}
+	return msg
+}
+
+func (e *PreflightError) Unwrap() error { return ErrPreflight }
+
+// withStderr attaches the new process's last stderr lines to err.
+func withStderr(err error, lines []string) error {
+	var exit *ExitError
+	var timeout *TimeoutError
+	switch {
+	case errors.As(err, &exit):
+		exit.Stderr = lines
+	case errors.As(err, &timeout):
+		timeout.Stderr = lines
+	}
+	return err
+}
+
 // Kind names an upgrade error in one word, for logs and machine-readable answers:
 // "in-progress", "draining", "not-ready", "stopping", "handed-off", "binary-missing",
-// "binary-not-executable", "exited", "timeout" or "other"; "" for nil.
+// "binary-not-executable", "exited", "timeout", "preflight" or "other"; "" for nil.
 func Kind(err error) string {
 	var exit *ExitError
 	switch {
@@ -71,6 +116,8 @@ func Kind(err error) string {
 		return "binary-not-executable"
 	case errors.Is(err, ErrTimeout):
 		return "timeout"
+	case errors.Is(err, ErrPreflight):
+		return "preflight"
 	}
 	return "other"
 }
@@ -103,7 +150,8 @@ func fromTableflip(err error) error {
 		return &ExitError{PID: pid, Status: status, Code: code}
 	}
 	if m := tfTimedOut.FindStringSubmatch(msg); m != nil {
-		return fmt.Errorf("process %s killed: %w", m[1], ErrTimeout)
+		pid, _ := strconv.Atoi(m[1])
+		return &TimeoutError{PID: pid}
 	}
 	switch msg {
 	case "upgrade in progress":

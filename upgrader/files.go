@@ -51,6 +51,34 @@ func checkBinary(path string) error {
 	return nil
 }
 
+// Check verifies what New would need from opts without starting anything: that
+// the binary can be found and that the PID file and control socket can be
+// written. It is the core of a server's preflight (--check) mode.
+func Check(opts Options) error {
+	wd, err := os.Getwd()
+	if err != nil {
+		return fmt.Errorf("get working directory: %w", err)
+	}
+	binary, err := resolveBinary(os.Args[0], wd)
+	if err != nil {
+		return err
+	}
+	if err := checkBinary(binary); err != nil {
+		return err
+	}
+	if opts.PIDFile != "" {
+		if err := checkPIDFileDir(opts.PIDFile); err != nil {
+			return err
+		}
+	}
+	if opts.ControlPath != "" {
+		if fi, err := os.Stat(filepath.Dir(opts.ControlPath)); err != nil || !fi.IsDir() {
+			return fmt.Errorf("control socket %s: directory %s does not exist", opts.ControlPath, filepath.Dir(opts.ControlPath))
+		}
+	}
+	return nil
+}
+
 // checkPIDFileDir fails early when the PID file could not be written at Ready.
 func checkPIDFileDir(path string) error {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".check-*")

@@ -7,14 +7,17 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/cloudflare/tableflip"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultUpgradeTimeout is how long a new process has to become ready when
@@ -41,6 +44,15 @@ type Options struct {
 	// Logger receives a line for every step of the lifecycle, with the keys "pid"
 	// and "generation". Nil means no logs.
 	Logger *slog.Logger
+	// ControlPath, if set, is the path of a Unix socket (mode 0600, same user or
+	// root only) that answers status and upgrade requests (see Ask). It survives
+	// upgrades: the ready generation answers. Empty means no control socket.
+	ControlPath string
+	// Preflight, if set, are the arguments with which the new binary is run, and
+	// must exit 0, before it is started to serve (like nginx -t). Nil means none.
+	Preflight []string
+	// InFlight, if set, reports the requests being served, for Status.
+	InFlight func() int64
 }
 
 // Result describes the generation that took over after a successful upgrade.
@@ -69,10 +81,20 @@ type Upgrader struct {
 
 	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
 
-	mu       sync.Mutex
-	handedTo *Result
-	children *childChannel // made at the first upgrade
-	sigC     chan os.Signal
+	started   time.Time
+	activated []activated       // from systemd, at first start, until claimed
+	control   *net.UnixListener // nil without Options.ControlPath
+	upgrading atomic.Bool       // an attempt runs
+	answering sync.WaitGroup    // control requests being answered
+	accepting chan struct{}     // closed when serveControl has returned
+	listeners []ListenerInfo    // for Status; guarded by mu
+
+	mu         sync.Mutex
+	handedTo   *Result
+	last       *Outcome
+	children   *childChannel // made at the first upgrade
+	realStderr *os.File      // dup of the original fd 2, made at the first upgrade
+	sigC       chan os.Signal
 }
 
 type request struct {
@@ -120,6 +142,13 @@ func New(opts Options) (*Upgrader, error) {
 		return nil, fmt.Errorf("start upgrader: %w", err)
 	}
 	scrubInherited(tf)
+	var fromSystemd []activated
+	if !tf.HasParent() {
+		if fromSystemd, err = takeActivated(); err != nil {
+			tf.Stop()
+			return nil, err
+		}
+	}
 
 	u := &Upgrader{
 		tf:         tf,
@@ -132,6 +161,8 @@ func New(opts Options) (*Upgrader, error) {
 		stopC:      make(chan struct{}),
 		forcedC:    make(chan struct{}),
 		doneC:      make(chan struct{}),
+		started:    time.Now(),
+		activated:  fromSystemd,
 	}
 	parent, h, err := claimParentChannel(tf)
 	if err != nil {
@@ -146,6 +177,20 @@ func New(opts Options) (*Upgrader, error) {
 		logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
+	if os.Getpid() == 1 {
+		u.log.Warn("running as PID 1: after a handoff this process exits and the container ends with it; " +
+			"run under an init (docker run --init, tini) or under `handoff run`")
+	}
+	for _, a := range u.activated {
+		u.log.Info("socket from systemd", "name", a.name, "addr", a.ln.Addr().String())
+	}
+	if opts.ControlPath != "" {
+		if u.control, err = u.listenControl(opts.ControlPath); err != nil {
+			tf.Stop()
+			return nil, fmt.Errorf("open control socket: %w", err)
+		}
+		u.accepting = make(chan struct{})
+	}
 
 	if tf.HasParent() {
 		u.log.Info("started by previous generation", "parent_pid", os.Getppid(), "binary", binary)
@@ -187,10 +232,23 @@ func SplitAddr(spec string) (network, addr string) {
 // addr inherited from the previous generation, or creates one. The same network
 // and addr strings must be used in every generation: they are the key.
 func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
+	ln, err := u.listen(network, addr)
+	if err == nil {
+		u.mu.Lock()
+		u.listeners = append(u.listeners, ListenerInfo{Network: network, Addr: ln.Addr().String()})
+		u.mu.Unlock()
+	}
+	return ln, err
+}
+
+func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
+	if ln, err := u.tf.Listener(network, addr); ln != nil || err != nil {
+		return ln, err
+	}
+	if ln, err := u.claimActivated(network, addr); ln != nil || err != nil {
+		return ln, err
+	}
 	if network == "unix" {
-		if ln, err := u.tf.Listener(network, addr); ln != nil || err != nil {
-			return ln, err
-		}
 		removeStaleSocket(addr)
 	}
 	ln, err := u.tf.Listen(network, addr)
@@ -198,6 +256,25 @@ func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
 		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
 	}
 	return ln, nil
+}
+
+// claimActivated returns the socket systemd passed for network and addr, and
+// registers it to be handed on under that key.
+func (u *Upgrader) claimActivated(network, addr string) (net.Listener, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for i, a := range u.activated {
+		if !sameAddr(network, addr, a) {
+			continue
+		}
+		u.activated = append(u.activated[:i], u.activated[i+1:]...)
+		if err := u.tf.AddListener(network, addr, a.ln.(tableflip.Listener)); err != nil {
+			a.ln.Close()
+			return nil, fmt.Errorf("hand on socket from systemd: %w", err)
+		}
+		return a.ln, nil
+	}
+	return nil, nil
 }
 
 // ListenPacket is Listen for datagram sockets ("udp", "udp4", "udp6", "unixgram").
@@ -220,6 +297,9 @@ func (u *Upgrader) Ready() error {
 				return
 			}
 		}
+		if err = restoreStderr(u.tf); err != nil {
+			return
+		}
 		// The report goes first: the parent reads it once tableflip says ready.
 		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation}); err != nil {
 			u.log.Warn("cannot report to previous generation", "error", err)
@@ -230,7 +310,15 @@ func (u *Upgrader) Ready() error {
 			return
 		}
 		close(u.readyC)
+		u.closeActivated()
+		u.notifyReady()
 		u.log.Info("ready", "version", u.opts.Version)
+		if u.control != nil {
+			go func() {
+				defer close(u.accepting)
+				u.serveControl(u.control)
+			}()
+		}
 	})
 	return err
 }
@@ -279,7 +367,12 @@ func (u *Upgrader) finalErr() error {
 
 // run owns the upgrade state: requests, signals and outcomes are messages to it.
 func (u *Upgrader) run() {
-	defer close(u.doneC)
+	defer func() {
+		if u.control != nil {
+			u.control.Close() // the next generation, or nobody, answers from now on
+		}
+		close(u.doneC)
+	}()
 	var (
 		ready    = u.readyC
 		parent   = u.parentC
@@ -362,9 +455,24 @@ func (u *Upgrader) run() {
 }
 
 // attempt runs one upgrade; it is the only caller of tableflip's Upgrade.
-func (u *Upgrader) attempt() outcome {
+func (u *Upgrader) attempt() (o outcome) {
 	started := time.Now()
+	u.upgrading.Store(true)
+	u.notifyReloading()
+	defer func() {
+		u.upgrading.Store(false)
+		out := newOutcome(o.res, o.err)
+		u.mu.Lock()
+		u.last = &out
+		u.mu.Unlock()
+		if o.err != nil {
+			u.notifyFailed(o.err)
+		}
+	}()
 	if err := checkBinary(u.binary); err != nil {
+		return outcome{err: err}
+	}
+	if err := u.preflight(); err != nil {
 		return outcome{err: err}
 	}
 	ch, err := u.childChannel()
@@ -375,8 +483,14 @@ func (u *Upgrader) attempt() outcome {
 		return outcome{err: fmt.Errorf("prepare child channel: %w", err)}
 	}
 	u.log.Info("starting new generation", "binary", u.binary)
-	if err := fromTableflip(u.tf.Upgrade()); err != nil {
+	tee, err := u.captureStderr()
+	if err != nil {
 		return outcome{err: err}
+	}
+	err = fromTableflip(u.tf.Upgrade())
+	lines := tee.stop(err != nil)
+	if err != nil {
+		return outcome{err: withStderr(err, lines)}
 	}
 	res := Result{Generation: u.generation + 1, Duration: time.Since(started)}
 	if r, err := ch.readReport(reportTimeout); err != nil {
@@ -385,6 +499,97 @@ func (u *Upgrader) attempt() outcome {
 		res.PID, res.Version = r.PID, r.Version
 	}
 	return outcome{res: res}
+}
+
+// captureStderr makes fd 2 a pipe for the attempt, passing the real stderr on
+// to the new process the first time.
+func (u *Upgrader) captureStderr() (*stderrTee, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.realStderr == nil {
+		fd, err := unix.FcntlInt(2, unix.F_DUPFD_CLOEXEC, 3)
+		if err != nil {
+			return nil, fmt.Errorf("dup stderr: %w", err)
+		}
+		real := os.NewFile(uintptr(fd), "stderr")
+		if err := u.tf.AddFile(stderrName, real); err != nil {
+			real.Close()
+			return nil, fmt.Errorf("pass stderr: %w", err)
+		}
+		u.realStderr = real
+	}
+	return captureStderr(u.realStderr)
+}
+
+// preflight runs the new binary with Options.Preflight.
+func (u *Upgrader) preflight() error {
+	if u.opts.Preflight == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), u.opts.UpgradeTimeout)
+	defer cancel()
+	u.log.Info("preflight", "binary", u.binary, "args", u.opts.Preflight)
+	cmd := exec.CommandContext(ctx, u.binary, u.opts.Preflight...)
+	cmd.Dir = filepath.Dir(u.binary)
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		return nil
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) > stderrTailLines {
+		lines = lines[len(lines)-stderrTailLines:]
+	}
+	status := err.Error()
+	if ctx.Err() != nil {
+		status = "timed out after " + u.opts.UpgradeTimeout.String()
+	}
+	return &PreflightError{Status: status, Output: lines}
+}
+
+func (u *Upgrader) closeActivated() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, a := range u.activated {
+		u.log.Warn("socket from systemd not used by any listener: closing it", "name", a.name, "addr", a.ln.Addr().String())
+		a.ln.Close()
+	}
+	u.activated = nil
+}
+
+// Status describes this generation now.
+func (u *Upgrader) Status() Status {
+	st := Status{PID: os.Getpid(), Generation: u.generation, Version: u.opts.Version,
+		Started: u.started.UTC(), Phase: "serving"}
+	if u.opts.InFlight != nil {
+		st.InFlight = u.opts.InFlight()
+	}
+	u.mu.Lock()
+	st.Listeners = append([]ListenerInfo(nil), u.listeners...)
+	st.LastUpgrade = u.last
+	handed := u.handedTo != nil
+	u.mu.Unlock()
+	switch {
+	case handed:
+		st.Phase = "handed-off"
+	case isClosed(u.stopC):
+		st.Phase = "stopping"
+	case !isClosed(u.readyC):
+		st.Phase = "starting"
+	case u.upgrading.Load():
+		st.Phase = "upgrading"
+	case !isClosed(u.parentC):
+		st.Phase, st.PreviousPID = "draining-previous", os.Getppid()
+	}
+	return st
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 func (u *Upgrader) childChannel() (*childChannel, error) {
@@ -474,6 +679,9 @@ func (u *Upgrader) signalUpgrade() {
 // unless a new generation took over.
 func (u *Upgrader) Stop() {
 	u.stopOnce.Do(func() {
+		if u.HandedOff() == nil {
+			u.notifyStopping()
+		}
 		close(u.stopC)
 		u.tf.Stop()
 	})
@@ -493,8 +701,15 @@ func (u *Upgrader) Close() error {
 		u.mu.Unlock()
 		u.Stop()
 		<-u.doneC
+		if u.accepting != nil && isClosed(u.readyC) {
+			<-u.accepting // the run loop closed the control socket
+		}
+		u.answering.Wait() // the verdict of the upgrade that ended this generation, say
 		u.mu.Lock()
 		u.children.Close()
+		if u.realStderr != nil {
+			u.realStderr.Close()
+		}
 		handed := u.handedTo != nil
 		u.mu.Unlock()
 		if u.opts.PIDFile != "" && !handed {

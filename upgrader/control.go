@@ -1,0 +1,263 @@
+package upgrader
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ProtocolVersion is the version of the control socket's JSON documents.
+const ProtocolVersion = 1
+
+// MaxMessage bounds a control request or answer, newline included.
+const MaxMessage = 64 << 10
+
+// controlTimeout bounds reading a request and writing an answer.
+const controlTimeout = 5 * time.Second
+
+// Request is what a client sends on the control socket: one JSON document on
+// one line, one request per connection.
+type Request struct {
+	V    int    `json:"v"`
+	Cmd  string `json:"cmd"`            // "status" or "upgrade"
+	Wait bool   `json:"wait,omitempty"` // upgrade: wait for a draining previous generation
+}
+
+// Answer is the server's reply, one JSON document on one line.
+type Answer struct {
+	V       int      `json:"v"`
+	PID     int      `json:"pid"` // the process that answered
+	OK      bool     `json:"ok"`
+	Error   string   `json:"error,omitempty"`
+	Kind    string   `json:"kind,omitempty"` // Kind of the error
+	Upgrade *Outcome `json:"upgrade,omitempty"`
+	Status  *Status  `json:"status,omitempty"`
+}
+
+// Outcome is an upgrade's result as the control socket reports it.
+type Outcome struct {
+	At         time.Time `json:"at"`
+	OK         bool      `json:"ok"`
+	PID        int       `json:"pid,omitempty"` // the new process (also when it failed, if it started)
+	Version    string    `json:"version,omitempty"`
+	Generation int       `json:"generation,omitempty"`
+	DurationMS float64   `json:"duration_ms"`
+	Error      string    `json:"error,omitempty"`
+	Kind       string    `json:"kind,omitempty"`
+	ExitStatus string    `json:"exit_status,omitempty"`
+	Stderr     []string  `json:"stderr,omitempty"` // last lines of the new process's stderr, when it failed
+}
+
+// Status describes a generation.
+type Status struct {
+	PID         int            `json:"pid"`
+	Generation  int            `json:"generation"`
+	Version     string         `json:"version"`
+	Started     time.Time      `json:"started"`
+	Phase       string         `json:"phase"` // starting, serving, upgrading, draining-previous, stopping, handed-off
+	Listeners   []ListenerInfo `json:"listeners"`
+	InFlight    int64          `json:"in_flight"`
+	PreviousPID int            `json:"previous_pid,omitempty"` // while the previous generation drains
+	LastUpgrade *Outcome       `json:"last_upgrade,omitempty"`
+}
+
+// ListenerInfo names one listener.
+type ListenerInfo struct {
+	Network string `json:"network"`
+	Addr    string `json:"addr"`
+}
+
+// ErrNoAnswer: nothing answers on the control socket.
+var ErrNoAnswer = errors.New("no answer on control socket")
+
+// decodeRequest reads one request line of at most MaxMessage bytes.
+func decodeRequest(r io.Reader) (Request, error) {
+	var req Request
+	line, err := bufio.NewReaderSize(io.LimitReader(r, MaxMessage+1), 4096).ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) || len(line) > MaxMessage {
+		return req, fmt.Errorf("request longer than %d bytes", MaxMessage)
+	}
+	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+		return req, fmt.Errorf("read request: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return req, fmt.Errorf("decode request: %w", err)
+	}
+	if dec.More() {
+		return req, errors.New("decode request: more than one document")
+	}
+	if req.V != ProtocolVersion {
+		return req, fmt.Errorf("unsupported protocol version %d (this server speaks %d)", req.V, ProtocolVersion)
+	}
+	switch req.Cmd {
+	case "status", "upgrade":
+	default:
+		return req, fmt.Errorf("unknown command %q (status, upgrade)", req.Cmd)
+	}
+	return req, nil
+}
+
+// listenControl opens the control socket (inherited after an upgrade), mode 0600.
+func (u *Upgrader) listenControl(path string) (*net.UnixListener, error) {
+	ln, err := u.listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod control socket: %w", err)
+	}
+	return ln.(*net.UnixListener), nil
+}
+
+// serveControl answers control requests until ln is closed.
+func (u *Upgrader) serveControl(ln *net.UnixListener) {
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		u.answering.Add(1)
+		go func() {
+			defer u.answering.Done()
+			u.answer(c)
+		}()
+	}
+}
+
+func (u *Upgrader) answer(c *net.UnixConn) {
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(controlTimeout))
+	ans := Answer{V: ProtocolVersion, PID: os.Getpid()}
+	if err := checkPeer(c); err != nil {
+		u.log.Warn("control request refused", "error", err)
+		ans.Error, ans.Kind = err.Error(), "refused"
+		writeAnswer(c, ans)
+		return
+	}
+	req, err := decodeRequest(c)
+	if err != nil {
+		ans.Error, ans.Kind = err.Error(), "bad-request"
+		writeAnswer(c, ans)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	switch req.Cmd {
+	case "status":
+		st := u.Status()
+		ans.OK, ans.Status = true, &st
+	case "upgrade":
+		// The client's closing the connection does not cancel the upgrade; it
+		// only stops waiting.
+		var res Result
+		if req.Wait {
+			res, err = u.UpgradeAfterDrain(context.Background())
+		} else {
+			res, err = u.Upgrade(context.Background())
+		}
+		o := newOutcome(res, err)
+		ans.OK, ans.Upgrade = err == nil, &o
+		if err != nil {
+			ans.Error, ans.Kind = err.Error(), Kind(err)
+		}
+	}
+	writeAnswer(c, ans)
+}
+
+func writeAnswer(c net.Conn, ans Answer) {
+	c.SetWriteDeadline(time.Now().Add(controlTimeout))
+	b, _ := json.Marshal(ans)
+	c.Write(append(b, '\n'))
+}
+
+// checkPeer admits the same user and root.
+func checkPeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if credErr != nil {
+		return fmt.Errorf("read peer credentials: %w", credErr)
+	}
+	if me := uint32(os.Getuid()); cred.Uid != 0 && cred.Uid != me {
+		return fmt.Errorf("permission denied: uid %d may not use this control socket (only uid %d and root)", cred.Uid, me)
+	}
+	return nil
+}
+
+func newOutcome(res Result, err error) Outcome {
+	o := Outcome{At: time.Now().UTC(), OK: err == nil, PID: res.PID, Version: res.Version,
+		Generation: res.Generation, DurationMS: float64(res.Duration.Microseconds()) / 1000}
+	if err == nil {
+		return o
+	}
+	o.Error, o.Kind = err.Error(), Kind(err)
+	var exit *ExitError
+	if errors.As(err, &exit) {
+		o.PID, o.ExitStatus, o.Stderr = exit.PID, exit.Status, exit.Stderr
+	}
+	var timeout *TimeoutError
+	if errors.As(err, &timeout) {
+		o.PID, o.Stderr = timeout.PID, timeout.Stderr
+	}
+	var pre *PreflightError
+	if errors.As(err, &pre) {
+		o.ExitStatus, o.Stderr = pre.Status, pre.Output
+	}
+	return o
+}
+
+// Ask sends one request to the control socket at path and returns the answer.
+// It fails with ErrNoAnswer when nothing listens there; ctx bounds the wait.
+func Ask(ctx context.Context, path string, req Request) (Answer, error) {
+	var ans Answer
+	req.V = ProtocolVersion
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, err)
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	b, _ := json.Marshal(req)
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, err)
+	}
+	line, err := bufio.NewReaderSize(io.LimitReader(c, MaxMessage), MaxMessage).ReadBytes('\n')
+	if err != nil {
+		if ctx.Err() != nil {
+			return ans, context.Cause(ctx)
+		}
+		return ans, fmt.Errorf("%w %s: connection closed before an answer: %v", ErrNoAnswer, path, err)
+	}
+	if err := json.Unmarshal(line, &ans); err != nil {
+		return ans, fmt.Errorf("decode answer: %w", err)
+	}
+	if !ans.OK && ans.Upgrade == nil && ans.Status == nil && ans.Error == "" {
+		return ans, errors.New("empty answer")
+	}
+	if ans.Kind == "refused" || ans.Kind == "bad-request" {
+		return ans, errors.New(strings.TrimSpace(ans.Error))
+	}
+	return ans, nil
+}

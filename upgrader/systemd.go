@@ -1,0 +1,99 @@
+package upgrader
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/coreos/go-systemd/v22/daemon"
+)
+
+// systemd integration, through go-systemd:
+//
+//   - readiness: every generation sends "MAINPID=<its pid>\nREADY=1" at Ready, so
+//     that systemd follows the new process (Type=notify needs NotifyAccess=all,
+//     since the new generation is not the main process yet when it sends it);
+//   - an upgrade sends "RELOADING=1\nMONOTONIC_USEC=..." when it starts; a failed
+//     one sends "STATUS=upgrade failed: ..." and then "READY=1", so that systemctl
+//     reload never hangs (Type=notify-reload, whose reload signal is SIGHUP);
+//   - a final stop sends "STOPPING=1"; a handoff never does;
+//   - socket activation: at first start, listeners passed in LISTEN_FDS (only when
+//     LISTEN_PID is ours) are used for the addresses they are bound to, and then
+//     handed on across upgrades like any other listener.
+//
+// NOTIFY_SOCKET stays in the environment: every generation needs it.
+
+// notify sends state to systemd; it does nothing without NOTIFY_SOCKET.
+func (u *Upgrader) notify(state string) {
+	if _, err := daemon.SdNotify(false, state); err != nil {
+		u.log.Warn("cannot notify systemd", "state", state, "error", err)
+	}
+}
+
+func (u *Upgrader) notifyReady() {
+	u.notify(fmt.Sprintf("MAINPID=%d\n%s\nSTATUS=serving: generation %d, version %s",
+		os.Getpid(), daemon.SdNotifyReady, u.generation, u.opts.Version))
+}
+
+func (u *Upgrader) notifyReloading() {
+	u.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
+}
+
+func (u *Upgrader) notifyFailed(err error) {
+	u.notify("STATUS=upgrade failed: " + oneLine(err.Error()))
+	u.notify(daemon.SdNotifyReady)
+}
+
+func (u *Upgrader) notifyStopping() { u.notify(daemon.SdNotifyStopping) }
+
+func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
+
+// activated is a listener systemd passed at first start.
+type activated struct {
+	name string
+	ln   net.Listener
+}
+
+// takeActivated adopts systemd's sockets; it unsets LISTEN_* so that they reach
+// nobody else.
+func takeActivated() ([]activated, error) {
+	var out []activated
+	for _, f := range activation.Files(true) {
+		ln, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			for _, a := range out {
+				a.ln.Close()
+			}
+			return nil, fmt.Errorf("use socket %s from systemd: %w", f.Name(), err)
+		}
+		out = append(out, activated{name: f.Name(), ln: ln})
+	}
+	return out, nil
+}
+
+// sameAddr reports whether a listener bound to have serves the network and
+// address a caller asks for (an address or systemd's name for the socket).
+func sameAddr(network, want string, a activated) bool {
+	have := a.ln.Addr()
+	if want == a.name {
+		return true
+	}
+	switch network {
+	case "unix":
+		return have.Network() == "unix" && have.String() == want
+	case "tcp", "tcp4", "tcp6":
+		h, ok := have.(*net.TCPAddr)
+		if !ok {
+			return false
+		}
+		w, err := net.ResolveTCPAddr(network, want)
+		if err != nil || w.Port != h.Port {
+			return false
+		}
+		return w.IP.Equal(h.IP) || (len(w.IP) == 0 || w.IP.IsUnspecified()) && h.IP.IsUnspecified()
+	}
+	return false
+}

@@ -3,7 +3,6 @@ package upgrader
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -174,7 +173,7 @@ func New(opts Options) (*Upgrader, error) {
 	}
 	logger := opts.Logger
 	if logger == nil {
-		logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		logger = slog.New(slog.DiscardHandler)
 	}
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
 	if os.Getpid() == 1 {

@@ -71,7 +71,7 @@ func childMain() int {
 	}
 	saw := childSaw{Generation: u.Generation(), Addr: ln.Addr().String(),
 		UDPAddr: pc.LocalAddr().String(), UnixAddr: ul.Addr().String()}
-	fds, err := exec.Command("ls", "/proc/self/fd").Output()
+	fds, err := exec.Command("find", "/proc/self/fd", "-mindepth", "1", "-printf", "%f %l\n").Output()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
@@ -81,7 +81,12 @@ func childMain() int {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
 	}
-	saw.SubprocFds = strings.Fields(string(fds))
+	for _, line := range strings.Split(strings.TrimSpace(string(fds)), "\n") {
+		fd, target, _ := strings.Cut(line, " ")
+		if n, _ := strconv.Atoi(fd); n > 2 {
+			saw.SubprocFds = append(saw.SubprocFds, target) // what each descriptor from 3 up is
+		}
+	}
 	for _, kv := range strings.Split(string(env), "\n") {
 		if v, ok := strings.CutPrefix(kv, tableflipEnv+"="); ok {
 			saw.MarkerInEnv = v
@@ -107,7 +112,8 @@ func TestUpgradeOutcomes(t *testing.T) {
 	t.Setenv(childPIDEnv, pidFile)
 	t.Setenv(childOutEnv, out)
 
-	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: time.Second, Version: "v-parent"})
+	control := filepath.Join(dir, "ctl.sock")
+	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: time.Second, Version: "v-parent", ControlPath: control})
 	require.NoError(t, err)
 	t.Cleanup(func() { u.Close() })
 	assert.Equal(t, 1, u.Generation())
@@ -133,6 +139,20 @@ func TestUpgradeOutcomes(t *testing.T) {
 	b, err := os.ReadFile(pidFile)
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(os.Getpid())+"\n", string(b))
+	fi, err := os.Stat(control)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "control socket mode")
+
+	t.Run("status", func(t *testing.T) {
+		ans, err := Ask(ctx, control, Request{Cmd: "status"})
+		require.NoError(t, err)
+		require.True(t, ans.OK)
+		st := ans.Status
+		assert.Equal(t, os.Getpid(), st.PID)
+		assert.Equal(t, "serving", st.Phase)
+		assert.Equal(t, "v-parent", st.Version)
+		assert.Equal(t, []ListenerInfo{{"tcp", ln.Addr().String()}, {"unix", ul.Addr().String()}}, st.Listeners)
+	})
 
 	binary := u.binary
 	t.Run("binary missing", func(t *testing.T) {
@@ -155,6 +175,19 @@ func TestUpgradeOutcomes(t *testing.T) {
 		require.ErrorAs(t, err, &exit)
 		assert.Equal(t, 3, exit.Code)
 		assert.Positive(t, exit.PID)
+		assert.Contains(t, exit.Stderr, "child: failing on purpose", "the new process's stderr is quoted")
+	})
+	t.Run("new process exits, asked over the control socket", func(t *testing.T) {
+		t.Setenv(childModeEnv, "exit")
+		ans, err := Ask(ctx, control, Request{Cmd: "upgrade"})
+		require.NoError(t, err)
+		assert.False(t, ans.OK)
+		assert.Equal(t, "exited", ans.Kind)
+		assert.Equal(t, os.Getpid(), ans.PID, "the old process answers: it keeps serving")
+		require.NotNil(t, ans.Upgrade)
+		assert.Equal(t, "exit status 3", ans.Upgrade.ExitStatus)
+		assert.Contains(t, ans.Upgrade.Stderr, "child: failing on purpose")
+		assert.Equal(t, "exited", u.Status().LastUpgrade.Kind)
 	})
 	t.Run("new process hangs, and a second upgrade meanwhile is refused", func(t *testing.T) {
 		t.Setenv(childModeEnv, "hang")
@@ -176,9 +209,10 @@ func TestUpgradeOutcomes(t *testing.T) {
 
 	t.Run("ready child takes over", func(t *testing.T) {
 		// What a subprocess of this test process sees: stdio, the directory
-		// handle of ls, and whatever this process itself inherited.
-		baseline, err := exec.Command("ls", "/proc/self/fd").Output()
+		// handle of find, and whatever this process itself inherited.
+		inherited, err := exec.Command("find", "/proc/self/fd", "-mindepth", "1", "-printf", "%l\n").Output()
 		require.NoError(t, err)
+		baseline := strings.Fields(string(inherited))
 		t.Setenv(childModeEnv, "ok")
 		res, err := u.Upgrade(ctx)
 		require.NoError(t, err)
@@ -206,8 +240,12 @@ func TestUpgradeOutcomes(t *testing.T) {
 		assert.Equal(t, pc.LocalAddr().String(), saw.UDPAddr, "the UDP socket was inherited")
 		assert.Equal(t, ul.Addr().String(), saw.UnixAddr, "the Unix listener was inherited")
 		assert.Empty(t, saw.MarkerInEnv, "tableflip's marker does not reach subprocesses")
-		assert.Equal(t, strings.Fields(string(baseline)), saw.SubprocFds,
-			"no descriptor of the handoff reaches a subprocess of the new generation")
+		for _, target := range saw.SubprocFds {
+			if strings.HasPrefix(target, "socket:") || strings.HasPrefix(target, "pipe:") {
+				assert.Contains(t, baseline, target,
+					"no socket or pipe of the handoff reaches a subprocess of the new generation")
+			}
+		}
 
 		_, err = u.Upgrade(ctx)
 		assert.ErrorIs(t, err, ErrHandedOff)

@@ -1,0 +1,120 @@
+package upgrader
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestDecodeRequest(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want Request
+		err  string
+	}{
+		{in: `{"v":1,"cmd":"status"}` + "\n", want: Request{V: 1, Cmd: "status"}},
+		{in: `{"v":1,"cmd":"upgrade","wait":true}`, want: Request{V: 1, Cmd: "upgrade", Wait: true}},
+		{in: `{"v":2,"cmd":"status"}`, err: "unsupported protocol version 2"},
+		{in: `{"v":1,"cmd":"reboot"}`, err: `unknown command "reboot"`},
+		{in: `{"v":1,"cmd":"status","extra":1}`, err: "unknown field"},
+		{in: `{"v":1,"cmd":"status"} {"v":1}`, err: "more than one document"},
+		{in: `not json`, err: "decode request"},
+		{in: ``, err: "read request"},
+		{in: `{"v":1,"cmd":"status"` + strings.Repeat(" ", MaxMessage) + "}\n", err: "longer than"},
+	} {
+		t.Run(tc.in[:min(len(tc.in), 40)], func(t *testing.T) {
+			got, err := decodeRequest(strings.NewReader(tc.in))
+			if tc.err != "" {
+				assert.ErrorContains(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, got)
+		})
+	}
+}
+
+// FuzzDecodeRequest: any input gives a valid request or an error, never a panic,
+// and a valid request survives a round trip.
+func FuzzDecodeRequest(f *testing.F) {
+	for _, s := range []string{`{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"upgrade","wait":true}` + "\n",
+		`{"v":1}`, `[]`, `{"v":1,"cmd":"status"}{}`, "\x00\xff", strings.Repeat("{", 100)} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		req, err := decodeRequest(bytes.NewReader(in))
+		if err != nil {
+			return
+		}
+		if req.V != ProtocolVersion || (req.Cmd != "status" && req.Cmd != "upgrade") {
+			t.Fatalf("accepted an invalid request %+v from %q", req, in)
+		}
+		b, _ := json.Marshal(req)
+		again, err := decodeRequest(bytes.NewReader(b))
+		if err != nil || again != req {
+			t.Fatalf("round trip of %+v: %+v, %v", req, again, err)
+		}
+	})
+}
+
+// A control socket served by a bare Upgrader (no tableflip needed for status and
+// the refusals): malformed and oversized input get an error answer, and the
+// socket goes on answering.
+func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	u := &Upgrader{opts: Options{Version: "v-test"}, generation: 7, started: time.Now(),
+		readyC: closedChan(), parentC: closedChan(), stopC: make(chan struct{}), log: slog.New(slog.DiscardHandler)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		u.serveControl(ln)
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		u.answering.Wait()
+	})
+
+	for _, in := range []string{"garbage\n", strings.Repeat("x", MaxMessage+10), `{"v":9,"cmd":"status"}` + "\n"} {
+		c, err := net.Dial("unix", path)
+		require.NoError(t, err)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Write([]byte(in))
+		require.NoError(t, err)
+		var ans Answer
+		require.NoError(t, json.NewDecoder(c).Decode(&ans))
+		c.Close()
+		assert.False(t, ans.OK)
+		assert.Equal(t, "bad-request", ans.Kind)
+		assert.NotEmpty(t, ans.Error)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ans, err := Ask(ctx, path, Request{Cmd: "status"})
+	require.NoError(t, err)
+	require.True(t, ans.OK)
+	assert.Equal(t, 7, ans.Status.Generation)
+	assert.Equal(t, "v-test", ans.Status.Version)
+	assert.Equal(t, "serving", ans.Status.Phase)
+
+	_, err = Ask(ctx, filepath.Join(t.TempDir(), "none.sock"), Request{Cmd: "status"})
+	assert.ErrorIs(t, err, ErrNoAnswer)
+}
+
+func closedChan() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}

@@ -21,11 +21,15 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/handoff-dev/handoff/loadgen"
 	"github.com/handoff-dev/handoff/server"
+	"github.com/handoff-dev/handoff/supervisor"
 	"github.com/handoff-dev/handoff/upgrader"
 )
 
@@ -51,6 +55,9 @@ func main() {
 
 const usage = `usage:
   handoff serve [flags]     serve HTTP; SIGHUP upgrades to the binary now at the same path
+  handoff run [flags] -- CMD [ARGS...]
+                            run any server on sockets handoff holds; SIGHUP starts a new CMD
+                            and stops the old one once the new one is ready
   handoff upgrade [flags]   upgrade a running server and wait for the verdict
   handoff status [flags]    show a running server's generation, phase and last upgrade
   handoff load [flags]      send a constant-rate load that never retries; exit 1 if any request failed
@@ -73,6 +80,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return load(args[1:], stdout, stderr)
 	case "upgrade":
 		return upgrade(args[1:], stdout, stderr)
+	case "run":
+		return runCmd(args[1:], stdout, stderr)
+	case supervisor.ShimCommand:
+		return supervisor.Shim(args[1:], stderr)
 	case "status":
 		return status(args[1:], stdout, stderr)
 	case "version", "--version":
@@ -114,14 +125,9 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "handoff serve: --upgrade-timeout and --drain-timeout must be positive")
 		return exitUsage
 	}
-	var handler slog.Handler
-	switch *logFormat {
-	case "text":
-		handler = slog.NewTextHandler(stderr, nil)
-	case "json":
-		handler = slog.NewJSONHandler(stderr, nil)
-	default:
-		fmt.Fprintf(stderr, "handoff serve: --log-format must be text or json, not %q\n", *logFormat)
+	base, err := newLogger(*logFormat, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
 		return exitUsage
 	}
 	if len(listen) == 0 {
@@ -145,7 +151,6 @@ func serve(args []string, stderr io.Writer) int {
 		return checkServe(opts, listen, stderr)
 	}
 
-	base := slog.New(handler)
 	opts.Logger = base
 	upg, err := upgrader.New(opts)
 	if err != nil {
@@ -203,6 +208,164 @@ func serve(args []string, stderr io.Writer) int {
 		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut,
 		"duration", rep.Duration, "cause", errString(err))
 	return code
+}
+
+// newLogger makes the slog logger of --log-format.
+func newLogger(format string, w io.Writer) (*slog.Logger, error) {
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, nil)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, nil)), nil
+	}
+	return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
+}
+
+// runCmd is handoff run: supervise a program that is not written with package
+// upgrader.
+func runCmd(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var listen listFlag
+	fs.Var(&listen, "listen", "[NAME=]ADDR to listen on, host:port or unix:/path; repeatable; passed from fd 3 (default 127.0.0.1:8080)")
+	pidFile := fs.String("pidfile", "", "write handoff's own PID here (it stays the same across upgrades)")
+	control := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
+	readyTimeout := fs.Duration("ready-timeout", upgrader.DefaultUpgradeTimeout, "how long a new child has to become ready")
+	readyDelay := fs.Duration("ready-delay", 0, "count a child as ready after this long if it cannot notify (weaker)")
+	drainTimeout := fs.Duration("drain-timeout", supervisor.DefaultDrainTimeout, "how long an old child may drain before SIGKILL")
+	stopSignal := fs.String("stop-signal", "TERM", "signal that tells a child to drain and exit")
+	logFormat := fs.String("log-format", "text", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	command := fs.Args()
+	if len(command) == 0 {
+		fmt.Fprintln(stderr, "handoff run: no command: handoff run [flags] -- CMD [ARGS...]")
+		return exitUsage
+	}
+	sig, ok := signalByName(*stopSignal)
+	if !ok {
+		fmt.Fprintf(stderr, "handoff run: unknown --stop-signal %q\n", *stopSignal)
+		return exitUsage
+	}
+	log, err := newLogger(*logFormat, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "handoff run: %v\n", err)
+		return exitUsage
+	}
+	if len(listen) == 0 {
+		listen = listFlag{"127.0.0.1:8080"}
+	}
+	if *control == "" && *pidFile != "" {
+		*control = *pidFile + ".sock"
+	}
+	var listeners []supervisor.Listener
+	defer func() {
+		for _, l := range listeners {
+			l.File.Close()
+		}
+	}()
+	for i, spec := range listen {
+		name, addr, found := strings.Cut(spec, "=")
+		if !found {
+			name, addr = "listener"+strconv.Itoa(i), spec
+		}
+		network, address := upgrader.SplitAddr(addr)
+		f, err := listenFile(network, address)
+		if err != nil {
+			fmt.Fprintf(stderr, "handoff run: cannot listen on %s: %v\n", addr, err)
+			return exitListen
+		}
+		if network == "unix" {
+			defer os.Remove(address)
+		}
+		listeners = append(listeners, supervisor.Listener{Name: name, File: f})
+		log.Info("listening", "name", name, "network", network, "addr", address)
+	}
+	if *pidFile != "" {
+		if err := upgrader.WritePIDFile(*pidFile, os.Getpid()); err != nil {
+			fmt.Fprintf(stderr, "handoff run: %v\n", err)
+			return exitPIDFile
+		}
+		defer upgrader.RemovePIDFile(*pidFile, os.Getpid())
+	}
+	sup, err := supervisor.New(supervisor.Options{
+		Command: command, Listeners: listeners, Shim: []string{"/proc/self/exe", supervisor.ShimCommand},
+		ReadyTimeout: *readyTimeout, ReadyDelay: *readyDelay, DrainTimeout: *drainTimeout, StopSignal: sig,
+		Stdout: stdout, Stderr: stderr, Logger: log, Version: version,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "handoff run: %v\n", err)
+		return exitUsage
+	}
+	if *control != "" {
+		ln, err := upgrader.ListenControl(*control)
+		if err != nil {
+			fmt.Fprintf(stderr, "handoff run: %v\n", err)
+			return exitFailure
+		}
+		var answering sync.WaitGroup
+		go upgrader.ServeControl(ln, sup, log, &answering)
+		defer func() {
+			ln.Close()
+			os.Remove(*control)
+			answering.Wait()
+		}()
+	}
+	if os.Getpid() == 1 {
+		log.Info("running as PID 1: reaping orphans and forwarding signals; the container lives across upgrades")
+	}
+
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	sigC := make(chan os.Signal, 16)
+	signal.Notify(sigC, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+	defer signal.Stop(sigC)
+	go func() {
+		for s := range sigC {
+			switch s {
+			case syscall.SIGHUP:
+				sup.SignalUpgrade()
+			case syscall.SIGTERM, syscall.SIGINT:
+				log.Info("stop requested", "signal", s.String())
+				stop()
+			default:
+				sup.Signal(s.(syscall.Signal))
+			}
+		}
+	}()
+	if err := sup.Run(ctx); err != nil {
+		fmt.Fprintf(stderr, "handoff run: %v\n", err)
+		return exitFailure
+	}
+	return exitOK
+}
+
+// listenFile binds a listening socket and returns it as a file for children.
+func listenFile(network, addr string) (*os.File, error) {
+	if network == "unix" {
+		upgrader.RemoveStaleSocket(addr)
+	}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	if ul, ok := ln.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
+	}
+	return ln.(interface{ File() (*os.File, error) }).File()
+}
+
+func signalByName(name string) (syscall.Signal, bool) {
+	name = strings.TrimPrefix(strings.ToUpper(name), "SIG")
+	for _, s := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGHUP,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH} {
+		if strings.TrimPrefix(unix.SignalName(s), "SIG") == name {
+			return s, true
+		}
+	}
+	return 0, false
 }
 
 // checkServe is --check: what serve would need, without binding or writing.

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -69,6 +71,14 @@ type Status struct {
 	InFlight    int64          `json:"in_flight"`
 	PreviousPID int            `json:"previous_pid,omitempty"` // while the previous generation drains
 	LastUpgrade *Outcome       `json:"last_upgrade,omitempty"`
+	Children    []ChildStatus  `json:"children,omitempty"` // handoff run: the supervised processes
+}
+
+// ChildStatus is one process that handoff run supervises.
+type ChildStatus struct {
+	PID     int       `json:"pid"`
+	Phase   string    `json:"phase"` // starting, serving, draining
+	Started time.Time `json:"started"`
 }
 
 // ListenerInfo names one listener.
@@ -109,40 +119,71 @@ func decodeRequest(r io.Reader) (Request, error) {
 	return req, nil
 }
 
+// Controller is what a control socket drives: an Upgrader, or a supervisor of
+// another program.
+type Controller interface {
+	Status() Status
+	Upgrade(ctx context.Context) (Result, error)
+	UpgradeAfterDrain(ctx context.Context) (Result, error)
+}
+
+var _ Controller = (*Upgrader)(nil)
+
 // listenControl opens the control socket (inherited after an upgrade), mode 0600.
 func (u *Upgrader) listenControl(path string) (*net.UnixListener, error) {
 	ln, err := u.listen("unix", path)
 	if err != nil {
 		return nil, err
 	}
+	return chmodControl(ln.(*net.UnixListener), path)
+}
+
+// ListenControl opens a control socket at path, mode 0600, removing a stale
+// socket file first. For servers without an Upgrader; an Upgrader opens its own
+// (Options.ControlPath).
+func ListenControl(path string) (*net.UnixListener, error) {
+	RemoveStaleSocket(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("open control socket: %w", err)
+	}
+	return chmodControl(ln, path)
+}
+
+func chmodControl(ln *net.UnixListener, path string) (*net.UnixListener, error) {
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("chmod control socket: %w", err)
 	}
-	return ln.(*net.UnixListener), nil
+	return ln, nil
 }
 
-// serveControl answers control requests until ln is closed.
-func (u *Upgrader) serveControl(ln *net.UnixListener) {
+// ServeControl answers control requests on ln for ctl until ln is closed; wg
+// counts the answers being given, so that a caller can wait for them.
+func ServeControl(ln *net.UnixListener, ctl Controller, log *slog.Logger, wg *sync.WaitGroup) {
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
 			return
 		}
-		u.answering.Add(1)
+		wg.Add(1)
 		go func() {
-			defer u.answering.Done()
-			u.answer(c)
+			defer wg.Done()
+			answer(c, ctl, log)
 		}()
 	}
 }
 
-func (u *Upgrader) answer(c *net.UnixConn) {
+func (u *Upgrader) serveControl(ln *net.UnixListener) {
+	ServeControl(ln, u, u.log, &u.answering)
+}
+
+func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(controlTimeout))
 	ans := Answer{V: ProtocolVersion, PID: os.Getpid()}
 	if err := checkPeer(c); err != nil {
-		u.log.Warn("control request refused", "error", err)
+		log.Warn("control request refused", "error", err)
 		ans.Error, ans.Kind = err.Error(), "refused"
 		writeAnswer(c, ans)
 		return
@@ -156,18 +197,18 @@ func (u *Upgrader) answer(c *net.UnixConn) {
 	c.SetReadDeadline(time.Time{})
 	switch req.Cmd {
 	case "status":
-		st := u.Status()
+		st := ctl.Status()
 		ans.OK, ans.Status = true, &st
 	case "upgrade":
 		// The client's closing the connection does not cancel the upgrade; it
 		// only stops waiting.
 		var res Result
 		if req.Wait {
-			res, err = u.UpgradeAfterDrain(context.Background())
+			res, err = ctl.UpgradeAfterDrain(context.Background())
 		} else {
-			res, err = u.Upgrade(context.Background())
+			res, err = ctl.Upgrade(context.Background())
 		}
-		o := newOutcome(res, err)
+		o := NewOutcome(res, err)
 		ans.OK, ans.Upgrade = err == nil, &o
 		if err != nil {
 			ans.Error, ans.Kind = err.Error(), Kind(err)
@@ -204,7 +245,8 @@ func checkPeer(c *net.UnixConn) error {
 	return nil
 }
 
-func newOutcome(res Result, err error) Outcome {
+// NewOutcome describes an upgrade's result for the control socket.
+func NewOutcome(res Result, err error) Outcome {
 	o := Outcome{At: time.Now().UTC(), OK: err == nil, PID: res.PID, Version: res.Version,
 		Generation: res.Generation, DurationMS: float64(res.Duration.Microseconds()) / 1000}
 	if err == nil {

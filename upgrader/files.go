@@ -89,9 +89,9 @@ func checkPIDFileDir(path string) error {
 	return os.Remove(f.Name())
 }
 
-// writePIDFile writes pid to path atomically: a temporary file in the same
-// directory, renamed over path.
-func writePIDFile(path string, pid int) error {
+// WritePIDFile writes pid to path atomically: a temporary file in the same
+// directory, renamed over path. An Upgrader does it at Ready (Options.PIDFile).
+func WritePIDFile(path string, pid int) error {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("%w %s: %v", ErrPIDFile, path, err)
@@ -113,9 +113,9 @@ func writePIDFile(path string, pid int) error {
 	return nil
 }
 
-// removePIDFile removes path if it still names pid: a generation that handed off
-// must not remove the file its successor wrote.
-func removePIDFile(path string, pid int) error {
+// RemovePIDFile removes path if it still names pid: a generation that handed
+// off must not remove the file its successor wrote.
+func RemovePIDFile(path string, pid int) error {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil
@@ -126,10 +126,10 @@ func removePIDFile(path string, pid int) error {
 	return os.Remove(path)
 }
 
-// removeStaleSocket removes a Unix socket file at path that nobody listens on, so
+// RemoveStaleSocket removes a Unix socket file at path that nobody listens on, so
 // that a server killed without cleaning up can start again. It leaves anything
 // else alone.
-func removeStaleSocket(path string) {
+func RemoveStaleSocket(path string) {
 	if strings.HasPrefix(path, "@") {
 		return
 	}

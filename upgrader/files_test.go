@@ -54,21 +54,21 @@ func TestPIDFile(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	assert.Empty(t, entries, "the check leaves nothing behind")
 
-	require.NoError(t, writePIDFile(path, 1234))
+	require.NoError(t, WritePIDFile(path, 1234))
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)
 	assert.Equal(t, "1234\n", string(b))
 	entries, _ = os.ReadDir(dir)
 	assert.Len(t, entries, 1, "no temporary file left")
 
-	require.NoError(t, removePIDFile(path, 999))
+	require.NoError(t, RemovePIDFile(path, 999))
 	assert.FileExists(t, path, "another process's PID file is left alone")
-	require.NoError(t, removePIDFile(path, 1234))
+	require.NoError(t, RemovePIDFile(path, 1234))
 	assert.NoFileExists(t, path)
 
 	missing := filepath.Join(dir, "no", "such", "dir", "app.pid")
 	assert.ErrorIs(t, checkPIDFileDir(missing), ErrPIDFile)
-	assert.ErrorIs(t, writePIDFile(missing, 1), ErrPIDFile)
+	assert.ErrorIs(t, WritePIDFile(missing, 1), ErrPIDFile)
 }
 
 func TestSplitAddr(t *testing.T) {
@@ -98,9 +98,9 @@ func TestRemoveStaleSocket(t *testing.T) {
 	regular := filepath.Join(dir, "file")
 	require.NoError(t, os.WriteFile(regular, nil, 0o644))
 
-	removeStaleSocket(live)
-	removeStaleSocket(stale)
-	removeStaleSocket(regular)
+	RemoveStaleSocket(live)
+	RemoveStaleSocket(stale)
+	RemoveStaleSocket(regular)
 	assert.FileExists(t, live, "a socket someone listens on stays")
 	assert.NoFileExists(t, stale)
 	assert.FileExists(t, regular, "not a socket: left alone")

@@ -248,7 +248,7 @@ func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
 		return ln, err
 	}
 	if network == "unix" {
-		removeStaleSocket(addr)
+		RemoveStaleSocket(addr)
 	}
 	ln, err := u.tf.Listen(network, addr)
 	if err != nil {
@@ -292,7 +292,7 @@ func (u *Upgrader) Ready() error {
 	var err error
 	u.readyOnce.Do(func() {
 		if u.opts.PIDFile != "" {
-			if err = writePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
+			if err = WritePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
 				return
 			}
 		}
@@ -460,7 +460,7 @@ func (u *Upgrader) attempt() (o outcome) {
 	u.notifyReloading()
 	defer func() {
 		u.upgrading.Store(false)
-		out := newOutcome(o.res, o.err)
+		out := NewOutcome(o.res, o.err)
 		u.mu.Lock()
 		u.last = &out
 		u.mu.Unlock()
@@ -712,7 +712,7 @@ func (u *Upgrader) Close() error {
 		handed := u.handedTo != nil
 		u.mu.Unlock()
 		if u.opts.PIDFile != "" && !handed {
-			err = removePIDFile(u.opts.PIDFile, os.Getpid())
+			err = RemovePIDFile(u.opts.PIDFile, os.Getpid())
 		}
 		u.log.Info("exiting")
 	})

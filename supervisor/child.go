@@ -1,0 +1,236 @@
+package supervisor
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Environment of a child, after the systemd socket-activation convention.
+const (
+	envListenFds     = "LISTEN_FDS"
+	envListenFdNames = "LISTEN_FDNAMES"
+	envListenPID     = "LISTEN_PID"
+	envNotifySocket  = "NOTIFY_SOCKET"
+	// EnvReadyFd names the descriptor on which a child that cannot send to a
+	// datagram socket (Node.js) writes the line "READY=1" when it is ready.
+	EnvReadyFd = "HANDOFF_READY_FD"
+)
+
+// listenFdsStart is where socket activation puts the first descriptor.
+const listenFdsStart = 3
+
+// tailLines is how many lines of a child's stderr are kept for a verdict.
+const tailLines = 20
+
+// child is one supervised process.
+type child struct {
+	pid        int
+	generation int
+	started    time.Time
+	phase      string // starting, serving, draining
+
+	timedOut bool // killed for not becoming ready in time
+	restart  bool // started to replace a child that died while serving
+
+	notify *net.UnixConn
+	output sync.WaitGroup // the stdout and stderr copiers
+
+	mu   sync.Mutex
+	tail []string
+}
+
+// spawn starts a child with the listeners from fd 3 and its readiness channels;
+// it reports "ready" to events.
+func (s *Supervisor) spawn(generation int) (*child, error) {
+	c := &child{generation: generation, started: time.Now(), phase: "starting"}
+	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(generation)+".sock")
+	var err error
+	c.notify, err = net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+	if err != nil {
+		return nil, fmt.Errorf("create notify socket: %w", err)
+	}
+	var opened []*os.File
+	closeAll := func() {
+		for _, f := range opened {
+			f.Close()
+		}
+	}
+	pipe := func() (*os.File, *os.File) {
+		r, w, perr := os.Pipe()
+		if perr != nil && err == nil {
+			err = perr
+		}
+		opened = append(opened, r, w)
+		return r, w
+	}
+	outR, outW := pipe()
+	errR, errW := pipe()
+	readyR, readyW := pipe()
+	if err != nil {
+		closeAll()
+		c.notify.Close()
+		return nil, fmt.Errorf("create pipes: %w", err)
+	}
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		closeAll()
+		c.notify.Close()
+		return nil, err
+	}
+	defer devNull.Close()
+
+	files := []*os.File{devNull, outW, errW}
+	names := make([]string, len(s.opts.Listeners))
+	for i, l := range s.opts.Listeners {
+		files = append(files, l.File)
+		names[i] = l.Name
+	}
+	readyFd := len(files)
+	files = append(files, readyW)
+
+	env := append(cleanEnv(os.Environ()),
+		envListenFds+"="+strconv.Itoa(len(s.opts.Listeners)),
+		envListenFdNames+"="+strings.Join(names, ":"),
+		envNotifySocket+"="+notifyPath,
+		EnvReadyFd+"="+strconv.Itoa(readyFd),
+	)
+	argv := append(append([]string(nil), s.opts.Shim...), s.opts.Command...)
+	pid, err := s.reaper.start(argv, &os.ProcAttr{
+		Env:   env,
+		Files: files,
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	}, func(pid int, status syscall.WaitStatus) {
+		// Its last words first; a grandchild may hold the pipes, so not forever.
+		done := make(chan struct{})
+		go func() {
+			c.output.Wait()
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+		}
+		s.send(event{kind: evExit, pid: pid, status: status})
+	})
+	// The child has its copies; ours of its ends go.
+	outW.Close()
+	errW.Close()
+	readyW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		readyR.Close()
+		c.notify.Close()
+		return nil, fmt.Errorf("start %s: %w", s.opts.Command[0], err)
+	}
+	c.pid = pid
+	prefix := fmt.Sprintf("[pid %d] ", pid)
+	c.output.Add(2)
+	go func() {
+		defer c.output.Done()
+		copyLines(outR, s.opts.Stdout, prefix, nil)
+	}()
+	go func() {
+		defer c.output.Done()
+		copyLines(errR, s.opts.Stderr, prefix, c.keep)
+	}()
+	go s.waitReadyLine(readyR, pid)
+	go s.readNotify(c)
+	return c, nil
+}
+
+// cleanEnv drops what the supervisor sets for each child, so that none of its
+// own (from systemd, say) reaches the child.
+func cleanEnv(env []string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case envListenFds, envListenFdNames, envListenPID, envNotifySocket, EnvReadyFd, "LISTEN_PIDFDID":
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+func (c *child) keep(line string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tail = append(c.tail, line)
+	if len(c.tail) > tailLines {
+		c.tail = c.tail[len(c.tail)-tailLines:]
+	}
+}
+
+func (c *child) lastLines() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.tail...)
+}
+
+// copyLines copies r to w line by line with prefix, handing each line to keep.
+func copyLines(r io.ReadCloser, w io.Writer, prefix string, keep func(string)) {
+	defer r.Close()
+	br := bufio.NewReader(r)
+	for {
+		line, err := br.ReadString('\n')
+		if line != "" {
+			if !strings.HasSuffix(line, "\n") {
+				line += "\n"
+			}
+			io.WriteString(w, prefix+line)
+			if keep != nil {
+				keep(strings.TrimRight(line, "\n"))
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// waitReadyLine reports ready when the child writes "READY=1" on its ready fd.
+func (s *Supervisor) waitReadyLine(r *os.File, pid int) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		if strings.TrimSpace(sc.Text()) == "READY=1" {
+			s.send(event{kind: evReady, pid: pid, how: "ready fd"})
+		}
+	}
+}
+
+// readNotify reads sd_notify datagrams until the child's notify socket closes.
+func (s *Supervisor) readNotify(c *child) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := c.notify.Read(buf)
+		if err != nil {
+			return
+		}
+		for _, line := range strings.Split(string(buf[:n]), "\n") {
+			switch {
+			case line == "READY=1":
+				s.send(event{kind: evReady, pid: c.pid, how: "sd_notify"})
+			case strings.HasPrefix(line, "STATUS="):
+				s.log.Info("child status", "child_pid", c.pid, "status", strings.TrimPrefix(line, "STATUS="))
+			}
+		}
+	}
+}
+
+// close releases what the supervisor holds for an exited child.
+func (c *child) close() {
+	c.notify.Close()
+	os.Remove(c.notify.LocalAddr().String())
+}

@@ -1,0 +1,90 @@
+package supervisor
+
+import (
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// reaper waits for every child process of this one: the children it started,
+// whose exits it reports, and orphans re-parented to it (as PID 1 in a
+// container, or as a child subreaper), which it only reaps. It is the only
+// caller of wait4 in the process, so nothing else may wait for children while it
+// runs (os/exec's Wait included).
+type reaper struct {
+	mu      sync.Mutex // held across start and register, and across each wait4 sweep
+	watched map[int]func(int, syscall.WaitStatus)
+	sigC    chan os.Signal
+	done    chan struct{}
+	orphans func(pid int)
+}
+
+func newReaper(orphans func(pid int)) *reaper {
+	r := &reaper{
+		watched: make(map[int]func(int, syscall.WaitStatus)),
+		sigC:    make(chan os.Signal, 1),
+		done:    make(chan struct{}),
+		orphans: orphans,
+	}
+	// Orphans of our children's process trees come to us rather than to init.
+	unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+	signal.Notify(r.sigC, syscall.SIGCHLD)
+	go r.loop()
+	return r
+}
+
+// start starts a process and registers onExit for it, with no gap in which its
+// exit could be reaped unseen. onExit runs in its own goroutine.
+func (r *reaper) start(argv []string, attr *os.ProcAttr, onExit func(int, syscall.WaitStatus)) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, err := os.StartProcess(argv[0], argv, attr)
+	if err != nil {
+		return 0, err
+	}
+	pid := p.Pid
+	p.Release() // we wait for it ourselves (Release sets p.Pid to -1)
+	r.watched[pid] = onExit
+	return pid, nil
+}
+
+func (r *reaper) loop() {
+	for {
+		select {
+		case <-r.sigC:
+			r.sweep()
+		case <-r.done:
+			return
+		}
+	}
+}
+
+// sweep reaps every child that has exited.
+func (r *reaper) sweep() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil || pid <= 0 {
+			return
+		}
+		if onExit, ok := r.watched[pid]; ok {
+			delete(r.watched, pid)
+			go onExit(pid, ws)
+		} else if r.orphans != nil {
+			r.orphans(pid)
+		}
+	}
+}
+
+func (r *reaper) stop() {
+	signal.Stop(r.sigC)
+	close(r.done)
+}

@@ -1,0 +1,596 @@
+// Package supervisor gives zero-downtime restarts to servers that are not written
+// in Go, or not with package upgrader: `handoff run -- CMD`.
+//
+// The supervisor holds the listening sockets for the whole of its life and
+// starts CMD with them after the systemd socket-activation convention
+// (descriptors from 3, LISTEN_FDS, LISTEN_FDNAMES, and LISTEN_PID equal to the
+// child's own PID, set by a tiny exec shim since os/exec cannot). A child says it
+// is ready by sd_notify("READY=1") on the NOTIFY_SOCKET the supervisor gives it,
+// or, where a runtime cannot send datagrams (Node.js), by writing "READY=1\n" to
+// the descriptor named by HANDOFF_READY_FD; Options.ReadyDelay is the weaker
+// fallback for programs that can do neither.
+//
+// An upgrade starts a new child on the same sockets; once it is ready, the old
+// child gets its stop signal and, after the drain timeout, SIGKILL to its whole
+// process group. A new child that exits or hangs before it is ready is killed
+// and the old one keeps serving. The invariants of package upgrader hold: at most
+// one child starting, at most one draining, the old one told to leave only after
+// the new one is ready, SIGHUPs during an upgrade coalesced, one during a drain
+// queued. A child that dies while serving is restarted with backoff. The
+// supervisor reaps every process, orphans included, so it can be PID 1.
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/handoff-dev/handoff/upgrader"
+)
+
+// Defaults for the zero values of Options.
+const (
+	DefaultDrainTimeout    = 30 * time.Second
+	DefaultRestartDelay    = 100 * time.Millisecond
+	DefaultMaxRestartDelay = 10 * time.Second
+)
+
+// ShimCommand is the hidden subcommand of the handoff binary that sets
+// LISTEN_PID to its own PID and execs the rest of its arguments (see Shim).
+const ShimCommand = "__listen-exec"
+
+// Listener is a socket handed to every child.
+type Listener struct {
+	Name string   // LISTEN_FDNAMES entry
+	File *os.File // the listening socket
+}
+
+// Options configure a Supervisor.
+type Options struct {
+	// Command is the program and its arguments. Required.
+	Command []string
+	// Listeners are passed from fd 3 on, in this order.
+	Listeners []Listener
+	// Shim is the argv prefix that execs Command with LISTEN_PID set, normally
+	// {"/proc/self/exe", ShimCommand}. Required.
+	Shim []string
+	// ReadyTimeout is how long a child has to become ready. Zero means
+	// upgrader.DefaultUpgradeTimeout.
+	ReadyTimeout time.Duration
+	// ReadyDelay, if set, counts a child as ready once it has run this long
+	// without saying so: a weaker guarantee, for programs that cannot notify.
+	ReadyDelay time.Duration
+	// DrainTimeout is how long an old child may take to exit after its stop
+	// signal before its process group is killed. Zero means DefaultDrainTimeout.
+	DrainTimeout time.Duration
+	// StopSignal is sent to a child to make it drain and exit. Zero means SIGTERM.
+	StopSignal syscall.Signal
+	// Stdout and Stderr receive the children's output, each line prefixed with
+	// "[pid N] ". Nil means os.Stdout and os.Stderr.
+	Stdout, Stderr io.Writer
+	// Logger receives the supervisor's own lines. Nil means none.
+	Logger *slog.Logger
+	// Version is reported by Status. Empty means "dev".
+	Version string
+}
+
+type eventKind int
+
+const (
+	evReady eventKind = iota
+	evExit
+	evReadyTimeout
+	evDrainTimeout
+	evRestart
+)
+
+type event struct {
+	kind   eventKind
+	pid    int
+	status syscall.WaitStatus
+	how    string
+}
+
+type request struct {
+	trigger string
+	wait    bool
+	reply   chan outcome
+}
+
+type outcome struct {
+	res upgrader.Result
+	err error
+}
+
+// Supervisor runs and upgrades one program. Create it with New and call Run.
+type Supervisor struct {
+	opts   Options
+	log    *slog.Logger
+	dir    string // notify sockets live here
+	reaper *reaper
+
+	events   chan event
+	requests chan request
+	quit     chan struct{} // closed when Run returns
+
+	mu       sync.Mutex
+	status   upgrader.Status
+	children map[int]*child
+}
+
+// New checks opts; Run starts the program.
+func New(opts Options) (*Supervisor, error) {
+	if len(opts.Command) == 0 {
+		return nil, errors.New("supervisor: no command")
+	}
+	if len(opts.Shim) == 0 {
+		return nil, errors.New("supervisor: no shim")
+	}
+	if opts.ReadyTimeout <= 0 {
+		opts.ReadyTimeout = upgrader.DefaultUpgradeTimeout
+	}
+	if opts.DrainTimeout <= 0 {
+		opts.DrainTimeout = DefaultDrainTimeout
+	}
+	if opts.StopSignal == 0 {
+		opts.StopSignal = syscall.SIGTERM
+	}
+	if opts.Stdout == nil {
+		opts.Stdout = os.Stdout
+	}
+	if opts.Stderr == nil {
+		opts.Stderr = os.Stderr
+	}
+	if opts.Version == "" {
+		opts.Version = "dev"
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Supervisor{
+		opts:     opts,
+		log:      log.With("pid", os.Getpid()),
+		events:   make(chan event),
+		requests: make(chan request),
+		quit:     make(chan struct{}),
+		children: make(map[int]*child),
+		status: upgrader.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
+			Phase: "starting"},
+	}, nil
+}
+
+func (s *Supervisor) send(ev event) {
+	select {
+	case s.events <- ev:
+	case <-s.quit:
+	}
+}
+
+// Upgrade starts a new child and blocks until it is ready (the old one is then
+// told to stop), exits, or times out. It fails at once with
+// upgrader.ErrUpgradeInProgress while another child is starting, and with
+// upgrader.ErrParentDraining while an old child still drains.
+func (s *Supervisor) Upgrade(ctx context.Context) (upgrader.Result, error) {
+	return s.request(ctx, "api", false)
+}
+
+// UpgradeAfterDrain is Upgrade, except that it waits for a draining old child to
+// exit instead of failing.
+func (s *Supervisor) UpgradeAfterDrain(ctx context.Context) (upgrader.Result, error) {
+	return s.request(ctx, "api", true)
+}
+
+// SignalUpgrade is what SIGHUP does: an upgrade, ignored while one runs, queued
+// while an old child drains. It does not wait.
+func (s *Supervisor) SignalUpgrade() {
+	go s.request(context.Background(), "signal", true)
+}
+
+func (s *Supervisor) request(ctx context.Context, trigger string, wait bool) (upgrader.Result, error) {
+	req := request{trigger: trigger, wait: wait, reply: make(chan outcome, 1)}
+	select {
+	case s.requests <- req:
+	case <-s.quit:
+		return upgrader.Result{}, upgrader.ErrStopping
+	case <-ctx.Done():
+		return upgrader.Result{}, context.Cause(ctx)
+	}
+	select {
+	case o := <-req.reply:
+		return o.res, o.err
+	case <-s.quit:
+		return upgrader.Result{}, upgrader.ErrStopping
+	case <-ctx.Done():
+		return upgrader.Result{}, context.Cause(ctx)
+	}
+}
+
+// Status describes the supervisor and its children.
+func (s *Supervisor) Status() upgrader.Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status
+	st.Children = nil
+	for _, c := range s.children {
+		st.Children = append(st.Children, upgrader.ChildStatus{PID: c.pid, Phase: c.phase, Started: c.started.UTC()})
+	}
+	return st
+}
+
+// ErrChildFailed is returned by Run when the program cannot be started at all,
+// or when it could not be stopped cleanly.
+var ErrChildFailed = errors.New("child failed")
+
+// Run starts the program, waits for it to be ready, and supervises it until ctx
+// ends; it then stops every child gracefully (the stop signal, SIGKILL after the
+// drain timeout) and returns. It returns an error wrapping ErrChildFailed if the
+// first child never became ready, or if a child had to be killed or exited with
+// an error at the stop.
+func (s *Supervisor) Run(ctx context.Context) error {
+	dir, err := os.MkdirTemp("", "handoff-run-")
+	if err != nil {
+		return fmt.Errorf("create notify directory: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	s.dir = dir
+	s.reaper = newReaper(func(pid int) { s.log.Debug("reaped orphan", "orphan_pid", pid) })
+	defer s.reaper.stop()
+	defer close(s.quit)
+	return s.loop(ctx)
+}
+
+// loop owns the children: events, requests and ctx become its decisions.
+func (s *Supervisor) loop(ctx context.Context) error {
+	var (
+		generation int
+		current    *child // serving
+		starting   *child // not ready yet
+		draining   *child // told to stop
+		waiting    []request
+		queued     []request
+		restarts   int
+		restartAt  *time.Timer
+		lastStart  time.Time
+		attemptAt  time.Time
+	)
+	startChild := func(restart bool) error {
+		generation++
+		c, err := s.spawn(generation)
+		if err != nil {
+			return err
+		}
+		c.restart = restart
+		starting, lastStart, attemptAt = c, time.Now(), time.Now()
+		s.track(c)
+		s.log.Info("child started", "child_pid", c.pid, "generation", generation, "command", s.opts.Command)
+		time.AfterFunc(s.opts.ReadyTimeout, func() { s.send(event{kind: evReadyTimeout, pid: c.pid}) })
+		if s.opts.ReadyDelay > 0 {
+			time.AfterFunc(s.opts.ReadyDelay, func() { s.send(event{kind: evReady, pid: c.pid, how: "ready delay"}) })
+		}
+		return nil
+	}
+	answer := func(o outcome) {
+		for _, r := range waiting {
+			r.reply <- o
+		}
+		waiting = nil
+		if o.err != nil {
+			s.setLast(o)
+		}
+	}
+	if err := startChild(false); err != nil {
+		return fmt.Errorf("%w: %v", ErrChildFailed, err)
+	}
+	first := true
+
+	for {
+		if starting == nil && draining == nil && current != nil && len(queued) > 0 {
+			waiting, queued = queued, nil
+			s.log.Info("running queued upgrade")
+			s.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
+			if err := startChild(false); err != nil {
+				answer(outcome{err: err})
+			}
+		}
+		s.setPhase(current, starting, draining)
+		select {
+		case <-ctx.Done():
+			if restartAt != nil {
+				restartAt.Stop()
+			}
+			return s.stopAll(current, starting, draining, waiting, queued)
+
+		case req := <-s.requests:
+			s.log.Info("upgrade requested", "trigger", req.trigger)
+			switch {
+			case starting != nil:
+				if req.trigger == "signal" {
+					s.log.Info("upgrade ignored", "reason", "upgrade in progress")
+				}
+				req.reply <- outcome{err: upgrader.ErrUpgradeInProgress}
+			case draining != nil && !req.wait:
+				req.reply <- outcome{err: upgrader.ErrParentDraining}
+			case draining != nil || current == nil:
+				s.log.Info("upgrade queued", "reason", "previous child still draining")
+				queued = append(queued, req)
+			default:
+				waiting = []request{req}
+				s.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
+				if err := startChild(false); err != nil {
+					answer(outcome{err: err})
+					s.notifyFailed(err)
+				}
+			}
+
+		case ev := <-s.events:
+			switch ev.kind {
+			case evReady:
+				if starting == nil || ev.pid != starting.pid {
+					continue
+				}
+				c := starting
+				starting = nil
+				s.setChildPhase(c, "serving")
+				res := upgrader.Result{PID: c.pid, Generation: c.generation, Version: s.opts.Version,
+					Duration: time.Since(attemptAt)}
+				s.log.Info("child ready", "child_pid", c.pid, "how", ev.how, "duration", res.Duration)
+				if old := current; old != nil {
+					s.setChildPhase(old, "draining")
+					draining = old
+					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
+					signalChild(old.pid, s.opts.StopSignal)
+					pid := old.pid
+					time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
+				}
+				current = c
+				s.notify(fmt.Sprintf("%s\nSTATUS=serving: child %d", daemon.SdNotifyReady, c.pid))
+				if first {
+					first = false
+					s.log.Info("ready")
+				} else if !c.restart {
+					s.log.Info("upgrade succeeded", "new_pid", c.pid, "generation", c.generation)
+					s.setLast(outcome{res: res})
+				}
+				answer(outcome{res: res})
+
+			case evReadyTimeout:
+				if starting != nil && ev.pid == starting.pid {
+					starting.timedOut = true
+					s.log.Warn("child not ready in time: killing it", "child_pid", ev.pid, "timeout", s.opts.ReadyTimeout)
+					killGroup(ev.pid)
+				}
+
+			case evDrainTimeout:
+				if draining != nil && ev.pid == draining.pid {
+					s.log.Warn("old child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
+					killGroup(ev.pid)
+				}
+
+			case evRestart:
+				restartAt = nil
+				if current == nil && starting == nil {
+					if err := startChild(true); err != nil {
+						s.log.Error("cannot restart child", "error", err)
+						restartAt = s.scheduleRestart(&restarts)
+					}
+				}
+
+			case evExit:
+				c := s.untrack(ev.pid)
+				if c == nil {
+					continue
+				}
+				c.close()
+				killGroup(ev.pid) // what it left behind in its group
+				switch c {
+				case starting:
+					starting = nil
+					err := exitError(c, ev.status)
+					s.log.Error("upgrade failed", "kind", upgrader.Kind(err), "error", err.Error(), "child_pid", c.pid)
+					if first {
+						return fmt.Errorf("%w: %v", ErrChildFailed, err)
+					}
+					if c.restart {
+						restartAt = s.scheduleRestart(&restarts)
+						continue
+					}
+					answer(outcome{err: err})
+					s.notifyFailed(err)
+				case draining:
+					draining = nil
+					s.log.Info("old child exited", "child_pid", c.pid, "status", statusString(ev.status))
+				case current:
+					current = nil
+					s.log.Error("child died while serving: restarting it", "child_pid", c.pid,
+						"status", statusString(ev.status), "stderr", c.lastLines())
+					if time.Since(lastStart) > 10*time.Second {
+						restarts = 0
+					}
+					restartAt = s.scheduleRestart(&restarts)
+				}
+			}
+		}
+	}
+}
+
+func (s *Supervisor) scheduleRestart(restarts *int) *time.Timer {
+	delay := DefaultRestartDelay << min(*restarts, 10)
+	delay = min(delay, DefaultMaxRestartDelay)
+	*restarts++
+	s.log.Info("restart scheduled", "in", delay, "attempt", *restarts)
+	return time.AfterFunc(delay, func() { s.send(event{kind: evRestart}) })
+}
+
+// stopAll stops every child gracefully and waits for them.
+func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued []request) error {
+	for _, r := range append(waiting, queued...) {
+		r.reply <- outcome{err: upgrader.ErrStopping}
+	}
+	s.notify(daemon.SdNotifyStopping)
+	if starting != nil {
+		killGroup(starting.pid)
+	}
+	for _, c := range []*child{current, draining} {
+		if c != nil {
+			s.log.Info("stopping child", "child_pid", c.pid, "signal", s.opts.StopSignal.String())
+			signalChild(c.pid, s.opts.StopSignal)
+		}
+	}
+	deadline := time.NewTimer(s.opts.DrainTimeout)
+	defer deadline.Stop()
+	var failed []string
+	for s.tracked() > 0 {
+		select {
+		case ev := <-s.events:
+			if ev.kind != evExit {
+				continue
+			}
+			c := s.untrack(ev.pid)
+			if c == nil {
+				continue
+			}
+			c.close()
+			st := statusString(ev.status)
+			s.log.Info("child exited", "child_pid", c.pid, "status", st)
+			clean := ev.status.Exited() && ev.status.ExitStatus() == 0 ||
+				ev.status.Signaled() && ev.status.Signal() == s.opts.StopSignal
+			if c != starting && !clean {
+				failed = append(failed, fmt.Sprintf("child %d: %s", c.pid, st))
+			}
+		case <-deadline.C:
+			s.mu.Lock()
+			for pid := range s.children {
+				s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", pid)
+				killGroup(pid)
+			}
+			s.mu.Unlock()
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%w: %v", ErrChildFailed, failed)
+	}
+	return nil
+}
+
+func exitError(c *child, ws syscall.WaitStatus) error {
+	if c.timedOut {
+		return &upgrader.TimeoutError{PID: c.pid, Stderr: c.lastLines()}
+	}
+	code := -1
+	if ws.Exited() {
+		code = ws.ExitStatus()
+	}
+	return &upgrader.ExitError{PID: c.pid, Status: statusString(ws), Code: code, Stderr: c.lastLines()}
+}
+
+func statusString(ws syscall.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("exit status %d", ws.ExitStatus())
+	case ws.Signaled():
+		return "signal: " + ws.Signal().String()
+	}
+	return fmt.Sprintf("wait status %d", ws)
+}
+
+func (s *Supervisor) setChildPhase(c *child, phase string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.phase = phase
+}
+
+func (s *Supervisor) track(c *child) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.children[c.pid] = c
+}
+
+func (s *Supervisor) untrack(pid int) *child {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.children[pid]
+	delete(s.children, pid)
+	return c
+}
+
+func (s *Supervisor) tracked() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.children)
+}
+
+func (s *Supervisor) setPhase(current, starting, draining *child) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case starting != nil && current != nil:
+		s.status.Phase = "upgrading"
+	case starting != nil:
+		s.status.Phase = "starting"
+	case draining != nil:
+		s.status.Phase, s.status.PreviousPID = "draining-previous", draining.pid
+	case current != nil:
+		s.status.Phase = "serving"
+	}
+	if draining == nil {
+		s.status.PreviousPID = 0
+	}
+	if current != nil {
+		s.status.Generation = current.generation
+	}
+}
+
+func (s *Supervisor) setLast(o outcome) {
+	res := upgrader.NewOutcome(o.res, o.err)
+	s.mu.Lock()
+	s.status.LastUpgrade = &res
+	s.mu.Unlock()
+}
+
+// notify tells systemd, when handoff run is a systemd service: its PID is
+// stable, so MAINPID never changes.
+func (s *Supervisor) notify(state string) {
+	if _, err := daemon.SdNotify(false, state); err != nil {
+		s.log.Warn("cannot notify systemd", "error", err)
+	}
+}
+
+func (s *Supervisor) notifyFailed(err error) {
+	s.notify("STATUS=upgrade failed: " + err.Error())
+	s.notify(daemon.SdNotifyReady)
+}
+
+// Signal forwards sig to the serving child (handoff run forwards SIGUSR1,
+// SIGUSR2 and SIGWINCH this way).
+func (s *Supervisor) Signal(sig syscall.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.children {
+		if c.phase == "serving" {
+			signalChild(c.pid, sig)
+		}
+	}
+}
+
+// signalChild and killGroup refuse PIDs that would reach other processes
+// (kill(2) with 0 or -1 signals a whole group or every process).
+func signalChild(pid int, sig syscall.Signal) {
+	if pid > 1 {
+		syscall.Kill(pid, sig)
+	}
+}
+
+// killGroup kills the process group a child leads (it was started with Setpgid).
+func killGroup(pid int) {
+	if pid > 1 {
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
+}

@@ -279,7 +279,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		if network == "unix" {
 			defer os.Remove(address)
 		}
-		listeners = append(listeners, supervisor.Listener{Name: name, File: f})
+		listeners = append(listeners, supervisor.Listener{Name: name, File: f, Network: network, Addr: address})
 		log.Info("listening", "name", name, "network", network, "addr", address)
 	}
 	if *pidFile != "" {
@@ -492,6 +492,9 @@ func status(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "\nin flight: %d requests\n", st.InFlight)
 	for _, l := range st.Listeners {
 		fmt.Fprintf(stdout, "listening: %s %s\n", l.Network, l.Addr)
+	}
+	for _, c := range st.Children {
+		fmt.Fprintf(stdout, "child: pid %d, %s since %s\n", c.PID, c.Phase, c.Started.Format(time.RFC3339))
 	}
 	if o := st.LastUpgrade; o != nil {
 		verdict := "ok"

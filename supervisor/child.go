@@ -104,6 +104,7 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 		EnvReadyFd+"="+strconv.Itoa(readyFd),
 	)
 	argv := append(append([]string(nil), s.opts.Shim...), s.opts.Command...)
+	c.output.Add(2) // before the exit callback can wait on it
 	pid, err := s.reaper.start(argv, &os.ProcAttr{
 		Env:   env,
 		Files: files,
@@ -134,7 +135,6 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 	}
 	c.pid = pid
 	prefix := fmt.Sprintf("[pid %d] ", pid)
-	c.output.Add(2)
 	go func() {
 		defer c.output.Done()
 		copyLines(outR, s.opts.Stdout, prefix, nil)

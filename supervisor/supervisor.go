@@ -27,6 +27,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -48,8 +49,10 @@ const ShimCommand = "__listen-exec"
 
 // Listener is a socket handed to every child.
 type Listener struct {
-	Name string   // LISTEN_FDNAMES entry
-	File *os.File // the listening socket
+	Name    string   // LISTEN_FDNAMES entry
+	File    *os.File // the listening socket
+	Network string   // for Status: "tcp" or "unix"
+	Addr    string   // for Status: the bound address
 }
 
 // Options configure a Supervisor.
@@ -163,8 +166,16 @@ func New(opts Options) (*Supervisor, error) {
 		quit:     make(chan struct{}),
 		children: make(map[int]*child),
 		status: upgrader.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
-			Phase: "starting"},
+			Phase: "starting", Listeners: listenerInfo(opts.Listeners)},
 	}, nil
+}
+
+func listenerInfo(ls []Listener) []upgrader.ListenerInfo {
+	var out []upgrader.ListenerInfo
+	for _, l := range ls {
+		out = append(out, upgrader.ListenerInfo{Network: l.Network, Addr: l.Addr})
+	}
+	return out
 }
 
 func (s *Supervisor) send(ev event) {
@@ -222,6 +233,7 @@ func (s *Supervisor) Status() upgrader.Status {
 	for _, c := range s.children {
 		st.Children = append(st.Children, upgrader.ChildStatus{PID: c.pid, Phase: c.phase, Started: c.started.UTC()})
 	}
+	slices.SortFunc(st.Children, func(a, b upgrader.ChildStatus) int { return a.Started.Compare(b.Started) })
 	return st
 }
 

@@ -1,0 +1,250 @@
+package supervisor
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// shellShim does what handoff's own shim does, in sh: exec keeps the PID.
+var shellShim = []string{"/bin/sh", "-c", `LISTEN_PID=$$ exec "$@"`, "shim"}
+
+// childScript behaves as the file DIR/mode says when it starts: "fail" exits 1
+// with a line on stderr, "hang" never says ready, anything else serves until
+// SIGTERM (exit 0). It writes its PID and LISTEN_PID to DIR/pids.
+const childScript = `
+mode=$(cat "$DIR/mode" 2>/dev/null)
+echo "$$ $LISTEN_PID $LISTEN_FDS" >> "$DIR/pids"
+case "$mode" in
+fail) echo "boom: config broken" >&2; exit 1 ;;
+hang) exec sleep 600 ;;
+esac
+trap 'exit 0' TERM
+eval "echo READY=1 >&$HANDOFF_READY_FD"
+echo "serving"
+sleep 600 & wait $!
+`
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type harness struct {
+	t      *testing.T
+	dir    string
+	sup    *Supervisor
+	stdout *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func start(t *testing.T, ready time.Duration, command ...string) *harness {
+	t.Helper()
+	dir := t.TempDir()
+	t.Setenv("DIR", dir)
+	if command == nil {
+		command = []string{"/bin/sh", "-c", childScript}
+	}
+	h := &harness{t: t, dir: dir, stdout: &syncBuffer{}, done: make(chan error, 1)}
+	var err error
+	h.sup, err = New(Options{Command: command, Shim: shellShim, ReadyTimeout: ready,
+		DrainTimeout: 5 * time.Second, Stdout: h.stdout, Stderr: h.stdout})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	h.cancel = cancel
+	go func() { h.done <- h.sup.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-h.done:
+		case <-time.After(10 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	})
+	h.waitPhase("serving")
+	return h
+}
+
+func (h *harness) waitPhase(phase string) upgrader.Status {
+	h.t.Helper()
+	var st upgrader.Status
+	require.Eventually(h.t, func() bool {
+		st = h.sup.Status()
+		return st.Phase == phase
+	}, 10*time.Second, 5*time.Millisecond, "phase %s; output:\n%s", phase, h.stdout)
+	return st
+}
+
+func (h *harness) mode(m string) {
+	require.NoError(h.t, os.WriteFile(filepath.Join(h.dir, "mode"), []byte(m), 0o644))
+}
+
+func (h *harness) upgrade() (upgrader.Result, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return h.sup.UpgradeAfterDrain(ctx)
+}
+
+func serving(st upgrader.Status) int {
+	for _, c := range st.Children {
+		if c.Phase == "serving" {
+			return c.PID
+		}
+	}
+	return 0
+}
+
+func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
+
+func TestUpgradeReplacesChildOnceReady(t *testing.T) {
+	h := start(t, 5*time.Second)
+	first := serving(h.sup.Status())
+	require.Positive(t, first)
+
+	res, err := h.upgrade()
+	require.NoError(t, err)
+	assert.NotEqual(t, first, res.PID)
+	assert.Equal(t, 2, res.Generation)
+	st := h.waitPhase("serving")
+	assert.Equal(t, res.PID, serving(st))
+	assert.Len(t, st.Children, 1, "the old child exited after its SIGTERM")
+	assert.False(t, alive(first))
+
+	pids, err := os.ReadFile(filepath.Join(h.dir, "pids"))
+	require.NoError(t, err)
+	for _, line := range strings.Split(strings.TrimSpace(string(pids)), "\n") {
+		f := strings.Fields(line)
+		assert.Equal(t, f[0], f[1], "LISTEN_PID is the child's own PID")
+	}
+	assert.Contains(t, h.stdout.String(), "serving\n")
+	assert.Regexp(t, `\[pid \d+\] serving`, h.stdout.String(), "output lines carry the child's PID")
+}
+
+func TestBrokenChildrenLeaveTheOldOneServing(t *testing.T) {
+	h := start(t, 500*time.Millisecond)
+	first := serving(h.sup.Status())
+
+	h.mode("fail")
+	_, err := h.upgrade()
+	var exit *upgrader.ExitError
+	require.ErrorAs(t, err, &exit)
+	assert.Equal(t, 1, exit.Code)
+	assert.Contains(t, exit.Stderr, "boom: config broken")
+
+	h.mode("hang")
+	_, err = h.upgrade()
+	assert.ErrorIs(t, err, upgrader.ErrTimeout)
+
+	st := h.waitPhase("serving")
+	assert.Equal(t, first, serving(st), "the first child still serves")
+	assert.Len(t, st.Children, 1, "the broken children are gone")
+	assert.Equal(t, "timeout", st.LastUpgrade.Kind)
+
+	h.mode("ok")
+	res, err := h.upgrade()
+	require.NoError(t, err)
+	assert.NotEqual(t, first, res.PID)
+}
+
+func TestChildDyingWhileServingIsRestarted(t *testing.T) {
+	h := start(t, 5*time.Second)
+	first := serving(h.sup.Status())
+	require.NoError(t, syscall.Kill(first, syscall.SIGKILL))
+	require.Eventually(t, func() bool {
+		pid := serving(h.sup.Status())
+		return pid != 0 && pid != first
+	}, 10*time.Second, 5*time.Millisecond)
+}
+
+func TestStopDrainsChildren(t *testing.T) {
+	h := start(t, 5*time.Second)
+	pid := serving(h.sup.Status())
+	h.cancel()
+	select {
+	case err := <-h.done:
+		assert.NoError(t, err, "the child exited 0 on SIGTERM")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	h.done <- nil // for the cleanup
+	assert.False(t, alive(pid))
+}
+
+func TestReadyBySdNotify(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed: the sd_notify path is tested with it")
+	}
+	h := start(t, 5*time.Second, py, "-c", `
+import os, socket, signal, time
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"STATUS=warming up\nREADY=1", os.environ["NOTIFY_SOCKET"])
+time.sleep(600)
+`)
+	assert.Positive(t, serving(h.sup.Status()))
+}
+
+func TestFirstChildFailingFailsRun(t *testing.T) {
+	sup, err := New(Options{Command: []string{"/bin/sh", "-c", "echo nope >&2; exit 3"}, Shim: shellShim,
+		Stdout: &syncBuffer{}, Stderr: &syncBuffer{}})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err = sup.Run(ctx)
+	assert.ErrorIs(t, err, ErrChildFailed)
+	assert.ErrorContains(t, err, "exit status 3")
+}
+
+func TestReaperReportsRealPID(t *testing.T) {
+	r := newReaper(nil)
+	defer r.stop()
+	exited := make(chan int, 1)
+	pid, err := r.start([]string{"/bin/true"}, &os.ProcAttr{}, func(pid int, _ syscall.WaitStatus) { exited <- pid })
+	require.NoError(t, err)
+	assert.Greater(t, pid, 1, "a PID, never -1: kill(-1) would signal every process")
+	select {
+	case got := <-exited:
+		assert.Equal(t, pid, got)
+	case <-time.After(5 * time.Second):
+		t.Fatal("exit not reported")
+	}
+}
+
+func TestCleanEnv(t *testing.T) {
+	got := cleanEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/x", "HANDOFF_READY_FD=5", "HOME=/root"})
+	assert.Equal(t, []string{"PATH=/bin", "HOME=/root"}, got)
+}
+
+func TestNewRejectsMissingCommand(t *testing.T) {
+	_, err := New(Options{Shim: shellShim})
+	assert.Error(t, err)
+	_, err = New(Options{Command: []string{"x"}})
+	assert.Error(t, err)
+	assert.False(t, errors.Is(err, ErrChildFailed))
+}

@@ -1,46 +1,29 @@
 #!/usr/bin/env bash
-# Deploy a new build of handoff with zero downtime.
+# Deploy a new build of handoff with zero downtime, and report the verdict.
 #
-#   scripts/deploy.sh BINARY PIDFILE [HEALTH_URL]
+#   scripts/deploy.sh NEW_BUILD LIVE_BINARY PIDFILE
 #
-# Builds nothing: BINARY is the live path (e.g. /srv/app/handoff) and a new build
-# must be waiting at BINARY.new. The script renames it over the live binary, sends
-# SIGHUP to the PID in PIDFILE, and waits until the PID file names a new process
-# and HEALTH_URL (default http://127.0.0.1:8080/healthz) answers from that PID.
-# Exit 0 when the new process serves; non-zero with the reason otherwise (the old
-# process keeps serving: look at its log for "upgrade failed").
+# Copies NEW_BUILD beside LIVE_BINARY, checks that it runs, renames it over the live binary
+# (atomic: the running process keeps its old inode), and runs `handoff upgrade`, which waits
+# until the new process is ready or says why it is not. Exit 0 when the new process serves;
+# otherwise handoff upgrade's exit code (1: upgrade failed, the old process keeps serving;
+# 5: nothing answers on the control socket; 6: no verdict in time) and its reason on stderr.
 set -euo pipefail
 
-binary=${1:?usage: deploy.sh BINARY PIDFILE [HEALTH_URL]}
-pidfile=${2:?usage: deploy.sh BINARY PIDFILE [HEALTH_URL]}
-health=${3:-http://127.0.0.1:8080/healthz}
-timeout=${DEPLOY_TIMEOUT:-90}
+new=${1:?usage: deploy.sh NEW_BUILD LIVE_BINARY PIDFILE}
+live=${2:?usage: deploy.sh NEW_BUILD LIVE_BINARY PIDFILE}
+pidfile=${3:?usage: deploy.sh NEW_BUILD LIVE_BINARY PIDFILE}
 
 die() { echo "deploy: $*" >&2; exit 1; }
 
-[ -f "$binary.new" ] || die "no new build at $binary.new"
-[ -x "$binary.new" ] || die "$binary.new is not executable"
-"$binary.new" version >/dev/null || die "$binary.new does not run"
-old=$(cat "$pidfile" 2>/dev/null) || die "cannot read $pidfile: is handoff running?"
-kill -0 "$old" 2>/dev/null || die "process $old from $pidfile is not running"
-
-mv -f "$binary.new" "$binary"
-kill -HUP "$old"
-echo "deploy: sent SIGHUP to $old"
-
-deadline=$((SECONDS + timeout))
-while [ "$SECONDS" -lt "$deadline" ]; do
-  new=$(cat "$pidfile" 2>/dev/null || true)
-  if [ -n "$new" ] && [ "$new" != "$old" ]; then
-    if curl -fsS -D - -o /dev/null "$health" 2>/dev/null | tr -d '\r' | grep -qi "^handoff-pid: $new\$"; then
-      version=$(curl -fsS -D - -o /dev/null "$health" | tr -d '\r' | sed -n 's/^[Hh]andoff-[Vv]ersion: //p')
-      echo "deploy: process $new (version $version) serves; $old drains and exits"
-      exit 0
-    fi
-  fi
-  if ! kill -0 "$old" 2>/dev/null && [ "$new" = "$old" ]; then
-    die "process $old exited and no new process took over"
-  fi
-  sleep 0.2
-done
-die "no new process became ready within ${timeout}s; $old keeps serving (see its log for \"upgrade failed\")"
+[ -f "$new" ] || die "no build at $new"
+tmp="$live.new.$$"
+cp "$new" "$tmp"
+chmod 0755 "$tmp"
+if ! version=$("$tmp" version); then
+  rm -f "$tmp"
+  die "$new does not run; nothing deployed"
+fi
+mv -f "$tmp" "$live"
+echo "deploy: $live is now version $version; upgrading"
+exec "$live" upgrade --pidfile "$pidfile" --wait --timeout "${DEPLOY_TIMEOUT:-120s}"

@@ -37,7 +37,7 @@ func resolveBinary(argv0, dir string) (string, error) {
 func checkBinary(path string) error {
 	fi, err := os.Stat(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%s: %w", path, ErrBinaryMissing)
+		return fmt.Errorf("%w: %s: no such file or directory", ErrBinaryMissing, path)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w: %v", path, ErrBinaryNotExecutable, err)

@@ -2,6 +2,7 @@ package upgrader
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -486,7 +487,7 @@ func (u *Upgrader) attempt() (o outcome) {
 	if err != nil {
 		return outcome{err: err}
 	}
-	err = fromTableflip(u.tf.Upgrade())
+	err = u.tableflipUpgrade()
 	lines := tee.stop(err != nil)
 	if err != nil {
 		return outcome{err: withStderr(err, lines)}
@@ -498,6 +499,21 @@ func (u *Upgrader) attempt() (o outcome) {
 		res.PID, res.Version = r.PID, r.Version
 	}
 	return outcome{res: res}
+}
+
+// tableflipUpgrade calls tableflip's Upgrade. Our run loop starts an upgrade only
+// once WaitForParent has returned, but tableflip's own loop learns of the
+// parent's exit from another channel, a moment later: until then it answers
+// "parent hasn't exited". That answer is retried for a bounded moment.
+func (u *Upgrader) tableflipUpgrade() error {
+	deadline := time.Now().Add(time.Second)
+	for {
+		err := fromTableflip(u.tf.Upgrade())
+		if !errors.Is(err, ErrParentDraining) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // captureStderr makes fd 2 a pipe for the attempt, passing the real stderr on

@@ -182,13 +182,15 @@ func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(controlTimeout))
 	ans := Answer{V: ProtocolVersion, PID: os.Getpid()}
-	if err := checkPeer(c); err != nil {
-		log.Warn("control request refused", "error", err)
-		ans.Error, ans.Kind = err.Error(), "refused"
+	// The request is read first, even from a peer that is then refused, so that
+	// the peer's write succeeds and it reads the refusal.
+	req, err := decodeRequest(c)
+	if perr := checkPeer(c); perr != nil {
+		log.Warn("control request refused", "error", perr)
+		ans.Error, ans.Kind = perr.Error(), "refused"
 		writeAnswer(c, ans)
 		return
 	}
-	req, err := decodeRequest(c)
 	if err != nil {
 		ans.Error, ans.Kind = err.Error(), "bad-request"
 		writeAnswer(c, ans)
@@ -282,10 +284,12 @@ func Ask(ctx context.Context, path string, req Request) (Answer, error) {
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 	defer stop()
 	b, _ := json.Marshal(req)
-	if _, err := c.Write(append(b, '\n')); err != nil {
-		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, err)
-	}
+	_, werr := c.Write(append(b, '\n'))
+	// Even when the write failed, an answer (a refusal) may be waiting.
 	line, err := bufio.NewReaderSize(io.LimitReader(c, MaxMessage), MaxMessage).ReadBytes('\n')
+	if err != nil && werr != nil {
+		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, werr)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return ans, context.Cause(ctx)

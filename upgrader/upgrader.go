@@ -310,6 +310,14 @@ func (u *Upgrader) Ready() error {
 			return
 		}
 		close(u.readyC)
+		if u.tf.HasParent() {
+			// The upgrade that made this generation, as this generation saw it.
+			arrived := NewOutcome(Result{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
+				Duration: time.Since(u.started)}, nil)
+			u.mu.Lock()
+			u.last = &arrived
+			u.mu.Unlock()
+		}
 		u.closeActivated()
 		u.notifyReady()
 		u.log.Info("ready", "version", u.opts.Version)

@@ -253,6 +253,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "handoff run: %v\n", err)
 		return exitUsage
 	}
+	log = log.With("pid", os.Getpid())
 	if len(listen) == 0 {
 		listen = listFlag{"127.0.0.1:8080"}
 	}
@@ -271,7 +272,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 			name, addr = "listener"+strconv.Itoa(i), spec
 		}
 		network, address := upgrader.SplitAddr(addr)
-		f, err := listenFile(network, address)
+		f, bound, err := listenFile(network, address)
 		if err != nil {
 			fmt.Fprintf(stderr, "handoff run: cannot listen on %s: %v\n", addr, err)
 			return exitListen
@@ -279,8 +280,8 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		if network == "unix" {
 			defer os.Remove(address)
 		}
-		listeners = append(listeners, supervisor.Listener{Name: name, File: f, Network: network, Addr: address})
-		log.Info("listening", "name", name, "network", network, "addr", address)
+		listeners = append(listeners, supervisor.Listener{Name: name, File: f, Network: network, Addr: bound})
+		log.Info("listening", "name", name, "network", network, "addr", bound)
 	}
 	if *pidFile != "" {
 		if err := upgrader.WritePIDFile(*pidFile, os.Getpid()); err != nil {
@@ -341,20 +342,22 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
-// listenFile binds a listening socket and returns it as a file for children.
-func listenFile(network, addr string) (*os.File, error) {
+// listenFile binds a listening socket and returns it as a file for children,
+// with the address it is bound to.
+func listenFile(network, addr string) (*os.File, string, error) {
 	if network == "unix" {
 		upgrader.RemoveStaleSocket(addr)
 	}
 	ln, err := net.Listen(network, addr)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	defer ln.Close()
 	if ul, ok := ln.(*net.UnixListener); ok {
 		ul.SetUnlinkOnClose(false)
 	}
-	return ln.(interface{ File() (*os.File, error) }).File()
+	f, err := ln.(interface{ File() (*os.File, error) }).File()
+	return f, ln.Addr().String(), err
 }
 
 func signalByName(name string) (syscall.Signal, bool) {

@@ -78,7 +78,8 @@ type Options struct {
 	// Stdout and Stderr receive the children's output, each line prefixed with
 	// "[pid N] ". Nil means os.Stdout and os.Stderr.
 	Stdout, Stderr io.Writer
-	// Logger receives the supervisor's own lines. Nil means none.
+	// Logger receives the supervisor's own lines (child PIDs under "child_pid").
+	// Nil means none.
 	Logger *slog.Logger
 	// Version is reported by Status. Empty means "dev".
 	Version string
@@ -160,7 +161,7 @@ func New(opts Options) (*Supervisor, error) {
 	}
 	return &Supervisor{
 		opts:     opts,
-		log:      log.With("pid", os.Getpid()),
+		log:      log,
 		events:   make(chan event),
 		requests: make(chan request),
 		quit:     make(chan struct{}),

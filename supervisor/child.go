@@ -110,6 +110,9 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 		Files: files,
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
 	}, func(pid int, status syscall.WaitStatus) {
+		// What it left behind in its process group goes with it (the group
+		// outlives its leader while members remain, so the id is not reused).
+		killGroup(pid)
 		// Its last words first; a grandchild may hold the pipes, so not forever.
 		done := make(chan struct{})
 		go func() {

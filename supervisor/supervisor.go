@@ -402,7 +402,6 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					continue
 				}
 				c.close()
-				killGroup(ev.pid) // what it left behind in its group
 				switch c {
 				case starting:
 					starting = nil

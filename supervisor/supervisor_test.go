@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -247,4 +248,48 @@ func TestNewRejectsMissingCommand(t *testing.T) {
 	_, err = New(Options{Command: []string{"x"}})
 	assert.Error(t, err)
 	assert.False(t, errors.Is(err, ErrChildFailed))
+}
+
+func TestReadyDelayForProgramsThatCannotNotify(t *testing.T) {
+	sup, err := New(Options{Command: []string{"/bin/sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait $!"},
+		Shim: shellShim, ReadyDelay: 50 * time.Millisecond, Stdout: &syncBuffer{}, Stderr: &syncBuffer{}})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sup.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	require.Eventually(t, func() bool { return sup.Status().Phase == "serving" }, 10*time.Second, 5*time.Millisecond,
+		"a child that never notifies counts as ready after the delay")
+}
+
+// As a subreaper (or PID 1), the reaper reaps orphans of the children's trees:
+// nothing is left a zombie.
+func TestReaperReapsOrphans(t *testing.T) {
+	orphans := make(chan int, 4)
+	r := newReaper(func(pid int) { orphans <- pid })
+	defer r.stop()
+	out := filepath.Join(t.TempDir(), "orphan.pid")
+	// The shell starts a background sleep, writes its PID and exits: the sleep
+	// is re-parented to this process, the nearest subreaper.
+	_, err := r.start([]string{"/bin/sh", "-c", `sleep 0.2 & echo $! > "$0"`, out}, &os.ProcAttr{},
+		func(int, syscall.WaitStatus) {})
+	require.NoError(t, err)
+	var orphan int
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(out)
+		if err != nil || len(bytes.TrimSpace(b)) == 0 {
+			return false
+		}
+		_, err = fmt.Sscan(string(b), &orphan)
+		return err == nil
+	}, 5*time.Second, 5*time.Millisecond)
+	select {
+	case got := <-orphans:
+		assert.Equal(t, orphan, got)
+	case <-time.After(10 * time.Second):
+		t.Fatal("orphan not reaped")
+	}
 }

@@ -594,14 +594,14 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	s.deploy("v3")
 	mark := s.logs.mark()
 	r := ctlUpgrade(t, s)
-	if r.code != 1 || !strings.HasPrefix(r.stderr, "upgrade failed: previous generation still draining\n") ||
-		!strings.HasSuffix(r.stderr, fmt.Sprintf("pid %d keeps serving\n", p2)) {
-		t.Errorf("upgrade without --wait during the drain: exit %d, want 1 with \"upgrade failed: previous generation still draining\" and \"pid %d keeps serving\"\n%v", r.code, p2, r)
+	if r.code != 7 || !strings.HasPrefix(r.stderr, "upgrade failed: previous generation still draining\n") ||
+		!strings.HasSuffix(r.stderr, fmt.Sprintf("pid %d keeps serving; try again later, or use --wait\n", p2)) {
+		t.Errorf("upgrade without --wait during the drain: exit %d, want 7 (busy) with \"upgrade failed: previous generation still draining\" and \"pid %d keeps serving; try again later, or use --wait\"\n%v", r.code, p2, r)
 	}
 	r = ctlUpgrade(t, s, "--json")
 	var ans upgrader.Answer
-	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 1 || ans.OK || ans.Kind != "draining" || ans.PID != p2 {
-		t.Errorf("upgrade --json during the drain: exit %d, answer %s (%v), want exit 1, ok=false, kind draining, pid %d\n%v", r.code, ctlJSON(ans), err, p2, r)
+	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 7 || ans.OK || ans.Kind != "draining" || ans.PID != p2 {
+		t.Errorf("upgrade --json during the drain: exit %d, answer %s (%v), want exit 7, ok=false, kind draining, pid %d\n%v", r.code, ctlJSON(ans), err, p2, r)
 	}
 	ctlNoLog(t, s, mark, "starting new generation", nil, "refused upgrade during the drain")
 	if !alive(p1) {
@@ -653,7 +653,12 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	s.version = "v3"
 
 	// Order in the shared output: p1's last line, p2 learns that it exited,
-	// p2 runs the queued upgrade, and only then does p3 appear.
+	// p2 runs the queued upgrade, and only then does p3 appear. The lines are
+	// written a moment apart from what the test has seen so far: wait for each.
+	s.logs.waitLog(t, 0, "exiting", pidIs(p1), 10*time.Second)
+	s.logs.waitLog(t, mark, "previous generation exited", pidIs(p2), 10*time.Second)
+	s.logs.waitLog(t, mark, "running queued upgrade", pidIs(p2), 10*time.Second)
+	s.logs.waitLog(t, 0, "ready", pidIs(p3), 10*time.Second)
 	_, p1Idx := s.logs.find(0, "", pidIs(p1))
 	_, exitIdx := s.logs.find(0, "exiting", pidIs(p1))
 	_, goneIdx := s.logs.find(mark, "previous generation exited", pidIs(p2))
@@ -699,8 +704,8 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	}
 	r = ctlUpgrade(t, s, "--json")
 	ans = upgrader.Answer{}
-	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 1 || ans.OK || ans.Kind != "in-progress" {
-		t.Errorf("upgrade --json during a running upgrade: exit %d, answer %s (%v), want exit 1, kind in-progress\n%v", r.code, ctlJSON(ans), err, r)
+	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 7 || ans.OK || ans.Kind != "in-progress" {
+		t.Errorf("upgrade --json during a running upgrade: exit %d, answer %s (%v), want exit 7 (busy), kind in-progress\n%v", r.code, ctlJSON(ans), err, r)
 	}
 	r = bg.wait(t, 20*time.Second)
 	t.Logf("%s", r)
@@ -797,6 +802,12 @@ func TestControlSocketPermissions(t *testing.T) {
 	l := s.logs.waitLog(t, mark, "control request refused", pidIs(pid), 5*time.Second)
 	if l.str("level") != "WARN" || !strings.Contains(l.str("error"), "uid 65534") {
 		t.Errorf("refusal log line: %s, want level WARN and an error naming uid 65534", l.raw)
+	}
+	if !poll(5*time.Second, func() bool {
+		ls, _ := s.logs.find(mark, "control request refused", pidIs(pid))
+		return len(ls) >= 20
+	}) {
+		t.Errorf("fewer than 20 control request refused log lines for 20 status requests of uid 65534")
 	}
 	if ls, _ := s.logs.find(mark, "control request refused", pidIs(pid)); len(ls) != 20 {
 		t.Errorf("%d control request refused log lines for 20 status requests of uid 65534", len(ls))

@@ -389,6 +389,8 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 	} else if last1, first3 := p1Idx[len(p1Idx)-1], p3Idx[0]; first3 < last1 {
 		t.Errorf("pid %d logged (line %d) before pid %d's last line (line %d): the queued upgrade did not wait", p3, first3, p1, last1)
 	}
+	s.logs.waitLog(t, 0, "exiting", pidIs(p1), 10*time.Second)
+	s.logs.waitLog(t, mark, "upgrade succeeded", pidIs(p2), 10*time.Second)
 	_, exitIdx := s.logs.find(0, "exiting", pidIs(p1))
 	_, succIdx := s.logs.find(mark, "upgrade succeeded", pidIs(p2))
 	switch {

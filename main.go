@@ -21,7 +21,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -45,6 +44,7 @@ const (
 	exitPIDFile = 4 // cannot write the PID file
 	exitNoReply = 5 // upgrade, status: nothing answers on the control socket
 	exitTimeout = 6 // upgrade: no outcome within --timeout (the upgrade may still finish)
+	exitBusy    = 7 // upgrade: another upgrade runs, or the previous generation still drains: retry, or --wait
 )
 
 const maxSlowMS = 60000
@@ -65,7 +65,7 @@ const usage = `usage:
 Run "handoff COMMAND -h" for a command's flags.
 Exit codes: 0 ok, 1 failed (upgrade: the old process keeps serving), 2 bad usage,
 3 cannot listen, 4 cannot write the PID file, 5 nothing answers on the control socket,
-6 no verdict within --timeout.
+6 no verdict within --timeout, 7 busy (an upgrade runs or the previous generation drains).
 `
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -155,8 +155,11 @@ func serve(args []string, stderr io.Writer) int {
 	upg, err := upgrader.New(opts)
 	if err != nil {
 		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
-		if errors.Is(err, upgrader.ErrPIDFile) {
+		switch {
+		case errors.Is(err, upgrader.ErrPIDFile):
 			return exitPIDFile
+		case errors.Is(err, upgrader.ErrControlSocket):
+			return exitListen
 		}
 		return exitFailure
 	}
@@ -303,14 +306,17 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		ln, err := upgrader.ListenControl(*control)
 		if err != nil {
 			fmt.Fprintf(stderr, "handoff run: %v\n", err)
-			return exitFailure
+			return exitListen
 		}
-		var answering sync.WaitGroup
-		go upgrader.ServeControl(ln, sup, log, &answering)
+		served := make(chan struct{})
+		go func() {
+			defer close(served)
+			upgrader.ServeControl(ln, sup, log)
+		}()
 		defer func() {
 			ln.Close()
 			os.Remove(*control)
-			answering.Wait()
+			<-served
 		}()
 	}
 	if os.Getpid() == 1 {
@@ -328,8 +334,13 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 			case syscall.SIGHUP:
 				sup.SignalUpgrade()
 			case syscall.SIGTERM, syscall.SIGINT:
-				log.Info("stop requested", "signal", s.String())
-				stop()
+				if ctx.Err() == nil {
+					log.Info("stop requested", "signal", s.String())
+					stop()
+				} else {
+					log.Info("stop requested again: killing the children now", "signal", s.String())
+					sup.Force()
+				}
 			default:
 				sup.Signal(s.(syscall.Signal))
 			}
@@ -456,7 +467,16 @@ func upgrade(args []string, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stderr, "    %s\n", l)
 			}
 		}
-		fmt.Fprintf(stderr, "pid %d keeps serving\n", ans.PID)
+		switch ans.Kind {
+		case "stopping", "handed-off":
+		case "in-progress", "draining":
+			fmt.Fprintf(stderr, "pid %d keeps serving; try again later, or use --wait\n", ans.PID)
+		default:
+			fmt.Fprintf(stderr, "pid %d keeps serving\n", ans.PID)
+		}
+	}
+	if ans.Kind == "in-progress" || ans.Kind == "draining" {
+		return exitBusy
 	}
 	return exitFailure
 }
@@ -515,7 +535,7 @@ func askFailed(cmd string, err error, ctx context.Context, stderr io.Writer) (in
 	case err == nil:
 		return 0, false
 	case errors.Is(err, upgrader.ErrNoAnswer):
-		fmt.Fprintf(stderr, "handoff %s: %v (is handoff serve running with --control or --pidfile?)\n", cmd, err)
+		fmt.Fprintf(stderr, "handoff %s: %v (is handoff serve or handoff run running with --control or --pidfile?)\n", cmd, err)
 		return exitNoReply, true
 	case ctx.Err() != nil:
 		fmt.Fprintf(stderr, "handoff %s: %v\n", cmd, err)

@@ -8,6 +8,8 @@
 # until the new process is ready or says why it is not. Exit 0 when the new process serves;
 # otherwise handoff upgrade's exit code (1: upgrade failed, the old process keeps serving;
 # 5: nothing answers on the control socket; 6: no verdict in time) and its reason on stderr.
+# When the upgrade failed, the previous binary is put back at LIVE_BINARY, so that a later
+# restart runs what is serving now.
 # With HEALTH_URL (e.g. http://127.0.0.1:8080/healthz) it then checks that the URL answers
 # from the PID now in PIDFILE (its Handoff-Pid header).
 set -euo pipefail
@@ -27,9 +29,16 @@ if ! version=$("$tmp" version); then
   rm -f "$tmp"
   die "$new does not run; nothing deployed"
 fi
+[ -f "$live" ] && cp -p "$live" "$live.prev"
 mv -f "$tmp" "$live"
 echo "deploy: $live is now version $version; upgrading"
-"$live" upgrade --pidfile "$pidfile" --wait --timeout "${DEPLOY_TIMEOUT:-120s}"
+status=0
+"$live" upgrade --pidfile "$pidfile" --wait --timeout "${DEPLOY_TIMEOUT:-120s}" || status=$?
+if [ "$status" -eq 1 ] && [ -f "$live.prev" ]; then
+  mv -f "$live.prev" "$live"
+  echo "deploy: upgrade failed; the previous binary is back at $live" >&2
+fi
+[ "$status" -eq 0 ] || exit "$status"
 [ -n "$health" ] || exit 0
 pid=$(cat "$pidfile")
 for _ in $(seq 50); do

@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -32,6 +33,14 @@ func (c *conn) Read(b []byte) (int, error) {
 		c.lastRead.Store(time.Now().UnixNano())
 	}
 	return n, err
+}
+
+// ReadFrom keeps sendfile(2) for net/http's file responses.
+func (c *conn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
 }
 
 // CloseWrite lets net/http half-close, as it does on a plain *net.TCPConn.
@@ -158,13 +167,31 @@ func (w *responseWriter) Flush() {
 	}
 }
 
+// FlushError is Flush with its error, for http.ResponseController.
+func (w *responseWriter) FlushError() error {
+	w.beforeHeader()
+	return http.NewResponseController(w.ResponseWriter).Flush()
+}
+
 func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	h, ok := w.ResponseWriter.(http.Hijacker)
 	if !ok {
 		return nil, nil, errors.New("server: response writer cannot hijack")
 	}
-	w.wroteHeader, w.hijacked = true, true
-	return h.Hijack()
+	c, rw, err := h.Hijack()
+	if err == nil {
+		w.wroteHeader, w.hijacked = true, true
+	}
+	return c, rw, err
+}
+
+// ReadFrom keeps net/http's sendfile path for io.Copy into the response.
+func (w *responseWriter) ReadFrom(r io.Reader) (int64, error) {
+	w.beforeHeader()
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{w.ResponseWriter}, r)
 }
 
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

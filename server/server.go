@@ -72,6 +72,8 @@ type Server struct {
 	inFlight atomic.Int64
 	answered atomic.Int64 // requests finished since the drain began
 
+	serving sync.WaitGroup // Serve calls running
+
 	mu           sync.Mutex
 	drainStart   time.Time
 	listeners    map[*listener]struct{}
@@ -133,7 +135,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		return ErrDraining
 	}
 	s.listeners[l] = struct{}{}
+	s.serving.Add(1)
 	s.mu.Unlock()
+	defer s.serving.Done()
 	err := s.srv.Serve(l)
 	if s.draining.Load() {
 		return ErrDraining
@@ -174,6 +178,9 @@ func (s *Server) Drain(ctx context.Context) (Report, error) {
 		go f()
 	}
 	s.mu.Unlock()
+	// Every Serve returns once its listener is closed; a connection accepted just
+	// before that is tracked by then, so none is missed below.
+	s.serving.Wait()
 
 	var rep Report
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)

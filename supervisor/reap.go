@@ -11,9 +11,10 @@ import (
 
 // reaper waits for every child process of this one: the children it started,
 // whose exits it reports, and orphans re-parented to it (as PID 1 in a
-// container, or as a child subreaper), which it only reaps. It is the only
-// caller of wait4 in the process, so nothing else may wait for children while it
-// runs (os/exec's Wait included).
+// container, or as a child subreaper, which it makes this process while it
+// runs), which it only reaps. It is the only caller of wait4 in the process:
+// while it runs, nothing else may wait for children (os/exec's Cmd.Wait would
+// fail with "no child processes").
 type reaper struct {
 	mu      sync.Mutex // held across start and register, and across each wait4 sweep
 	watched map[int]func(int, syscall.WaitStatus)
@@ -84,7 +85,22 @@ func (r *reaper) sweep() {
 	}
 }
 
+// signal sends sig to pid (to its process group with group set) only while pid
+// is a child not yet reaped: once reaped, the PID may be another process's.
+func (r *reaper) signal(pid int, sig syscall.Signal, group bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.watched[pid]; !ok || pid <= 1 {
+		return
+	}
+	if group {
+		pid = -pid
+	}
+	syscall.Kill(pid, sig)
+}
+
 func (r *reaper) stop() {
 	signal.Stop(r.sigC)
 	close(r.done)
+	unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 }

@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -120,9 +121,11 @@ type Supervisor struct {
 	dir    string // notify sockets live here
 	reaper *reaper
 
-	events   chan event
-	requests chan request
-	quit     chan struct{} // closed when Run returns
+	events    chan event
+	requests  chan request
+	quit      chan struct{} // closed when Run returns
+	forceC    chan struct{} // closed by Force
+	forceOnce sync.Once
 
 	mu       sync.Mutex
 	status   upgrader.Status
@@ -165,6 +168,7 @@ func New(opts Options) (*Supervisor, error) {
 		events:   make(chan event),
 		requests: make(chan request),
 		quit:     make(chan struct{}),
+		forceC:   make(chan struct{}),
 		children: make(map[int]*child),
 		status: upgrader.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
 			Phase: "starting", Listeners: listenerInfo(opts.Listeners)},
@@ -359,7 +363,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					s.setChildPhase(old, "draining")
 					draining = old
 					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
-					signalChild(old.pid, s.opts.StopSignal)
+					s.reaper.signal(old.pid, s.opts.StopSignal, false)
 					pid := old.pid
 					time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
 				}
@@ -378,13 +382,13 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				if starting != nil && ev.pid == starting.pid {
 					starting.timedOut = true
 					s.log.Warn("child not ready in time: killing it", "child_pid", ev.pid, "timeout", s.opts.ReadyTimeout)
-					killGroup(ev.pid)
+					s.reaper.signal(ev.pid, syscall.SIGKILL, true)
 				}
 
 			case evDrainTimeout:
 				if draining != nil && ev.pid == draining.pid {
 					s.log.Warn("old child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
-					killGroup(ev.pid)
+					s.reaper.signal(ev.pid, syscall.SIGKILL, true)
 				}
 
 			case evRestart:
@@ -448,12 +452,12 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 	}
 	s.notify(daemon.SdNotifyStopping)
 	if starting != nil {
-		killGroup(starting.pid)
+		s.reaper.signal(starting.pid, syscall.SIGKILL, true)
 	}
 	for _, c := range []*child{current, draining} {
 		if c != nil {
 			s.log.Info("stopping child", "child_pid", c.pid, "signal", s.opts.StopSignal.String())
-			signalChild(c.pid, s.opts.StopSignal)
+			s.reaper.signal(c.pid, s.opts.StopSignal, false)
 		}
 	}
 	deadline := time.NewTimer(s.opts.DrainTimeout)
@@ -477,11 +481,18 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 			if c != starting && !clean {
 				failed = append(failed, fmt.Sprintf("child %d: %s", c.pid, st))
 			}
+		case <-s.forceC:
+			s.mu.Lock()
+			for pid := range s.children {
+				s.log.Warn("forced stop: killing the child's process group", "child_pid", pid)
+				s.reaper.signal(pid, syscall.SIGKILL, true)
+			}
+			s.mu.Unlock()
 		case <-deadline.C:
 			s.mu.Lock()
 			for pid := range s.children {
 				s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", pid)
-				killGroup(pid)
+				s.reaper.signal(pid, syscall.SIGKILL, true)
 			}
 			s.mu.Unlock()
 		}
@@ -576,8 +587,14 @@ func (s *Supervisor) notify(state string) {
 }
 
 func (s *Supervisor) notifyFailed(err error) {
-	s.notify("STATUS=upgrade failed: " + err.Error())
+	s.notify("STATUS=upgrade failed: " + strings.ReplaceAll(err.Error(), "\n", " "))
 	s.notify(daemon.SdNotifyReady)
+}
+
+// Force makes a stop in progress kill the children at once instead of waiting
+// for them to drain (handoff run's answer to a second SIGTERM).
+func (s *Supervisor) Force() {
+	s.forceOnce.Do(func() { close(s.forceC) })
 }
 
 // Signal forwards sig to the serving child (handoff run forwards SIGUSR1,
@@ -587,20 +604,13 @@ func (s *Supervisor) Signal(sig syscall.Signal) {
 	defer s.mu.Unlock()
 	for _, c := range s.children {
 		if c.phase == "serving" {
-			signalChild(c.pid, sig)
+			s.reaper.signal(c.pid, sig, false)
 		}
 	}
 }
 
-// signalChild and killGroup refuse PIDs that would reach other processes
-// (kill(2) with 0 or -1 signals a whole group or every process).
-func signalChild(pid int, sig syscall.Signal) {
-	if pid > 1 {
-		syscall.Kill(pid, sig)
-	}
-}
-
-// killGroup kills the process group a child leads (it was started with Setpgid).
+// killGroup kills what is left of an exited child's process group (the group
+// outlives its leader while members remain, so the id is not reused meanwhile).
 func killGroup(pid int) {
 	if pid > 1 {
 		syscall.Kill(-pid, syscall.SIGKILL)

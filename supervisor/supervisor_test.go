@@ -147,7 +147,7 @@ func TestUpgradeReplacesChildOnceReady(t *testing.T) {
 }
 
 func TestBrokenChildrenLeaveTheOldOneServing(t *testing.T) {
-	h := start(t, 500*time.Millisecond)
+	h := start(t, 3*time.Second)
 	first := serving(h.sup.Status())
 
 	h.mode("fail")

@@ -93,7 +93,7 @@ var ErrNoAnswer = errors.New("no answer on control socket")
 // decodeRequest reads one request line of at most MaxMessage bytes.
 func decodeRequest(r io.Reader) (Request, error) {
 	var req Request
-	line, err := bufio.NewReaderSize(io.LimitReader(r, MaxMessage+1), 4096).ReadSlice('\n')
+	line, err := bufio.NewReaderSize(io.LimitReader(r, MaxMessage+1), MaxMessage+1).ReadSlice('\n')
 	if errors.Is(err, bufio.ErrBufferFull) || len(line) > MaxMessage {
 		return req, fmt.Errorf("request longer than %d bytes", MaxMessage)
 	}
@@ -158,24 +158,23 @@ func chmodControl(ln *net.UnixListener, path string) (*net.UnixListener, error) 
 	return ln, nil
 }
 
-// ServeControl answers control requests on ln for ctl until ln is closed; wg
-// counts the answers being given, so that a caller can wait for them.
-func ServeControl(ln *net.UnixListener, ctl Controller, log *slog.Logger, wg *sync.WaitGroup) {
+// ServeControl answers control requests on ln for ctl. It blocks until ln is
+// closed and every request accepted has been answered (each within a few
+// seconds: reads and writes have deadlines; an upgrade's verdict is awaited).
+func ServeControl(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
+	var answering sync.WaitGroup
+	defer answering.Wait()
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
 			return
 		}
-		wg.Add(1)
+		answering.Add(1)
 		go func() {
-			defer wg.Done()
+			defer answering.Done()
 			answer(c, ctl, log)
 		}()
 	}
-}
-
-func (u *Upgrader) serveControl(ln *net.UnixListener) {
-	ServeControl(ln, u, u.log, &u.answering)
 }
 
 func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {

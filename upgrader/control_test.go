@@ -30,6 +30,7 @@ func TestDecodeRequest(t *testing.T) {
 		{in: `not json`, err: "decode request"},
 		{in: ``, err: "read request"},
 		{in: `{"v":1,"cmd":"status"` + strings.Repeat(" ", MaxMessage) + "}\n", err: "longer than"},
+		{in: `{"v":1,"cmd":"status"` + strings.Repeat(" ", 5000) + "}\n", want: Request{V: 1, Cmd: "status"}},
 	} {
 		t.Run(tc.in[:min(len(tc.in), 40)], func(t *testing.T) {
 			got, err := decodeRequest(strings.NewReader(tc.in))
@@ -78,12 +79,11 @@ func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		u.serveControl(ln)
+		ServeControl(ln, u, u.log)
 	}()
 	t.Cleanup(func() {
 		ln.Close()
 		<-done
-		u.answering.Wait()
 	})
 
 	for _, in := range []string{"garbage\n", strings.Repeat("x", MaxMessage+10), `{"v":9,"cmd":"status"}` + "\n"} {

@@ -32,6 +32,8 @@ var (
 	ErrPIDFile = errors.New("cannot write pid file")
 	// ErrForced: the drain was cut short by a second SIGTERM or SIGINT.
 	ErrForced = errors.New("forced stop: second signal")
+	// ErrControlSocket: the control socket cannot be opened.
+	ErrControlSocket = errors.New("cannot open control socket")
 	// ErrPreflight: the new binary's check command failed; nothing was forked to serve.
 	ErrPreflight = errors.New("preflight check failed")
 )

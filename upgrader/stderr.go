@@ -13,15 +13,21 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// stderrName is the name under which a generation passes its real stderr to a
-// new process. tableflip gives the new process this process's fd 2; during an
-// upgrade attempt fd 2 is a pipe whose output is copied to the real stderr and
-// kept, so that the verdict of a failed upgrade can quote the new process's last
-// lines. At Ready the new process puts the real stderr back on its fd 2.
+// A failed upgrade's verdict quotes the new process's last lines of stderr.
+// tableflip gives the new process the *os.File in the os.Stderr variable as its
+// fd 2 (tableflip v1.2.3, child.go); for the length of an attempt that variable
+// is the write end of a pipe, which this process copies to its real stderr and
+// keeps the tail of. This process's own fd 2 is not touched: its logs (through a
+// writer taken at start) and a crash of its own still reach the real stderr. At
+// Ready the new process puts its real stderr, passed under stderrName, back on
+// its fd 2, so nothing of it depends on this process once it serves.
 const stderrName = "handoff-stderr"
 
-// stderrTailLines is how many lines of a failed new process's stderr are kept.
-const stderrTailLines = 20
+// Bounds on what is kept of a new process's stderr.
+const (
+	stderrTailLines = 20
+	stderrLineMax   = 1024 // longer lines are cut, so a verdict fits a control answer
+)
 
 // restoreStderr puts the real stderr passed by the parent back on fd 2.
 func restoreStderr(tf *tableflip.Upgrader) error {
@@ -36,58 +42,36 @@ func restoreStderr(tf *tableflip.Upgrader) error {
 	return nil
 }
 
-// stderrTee is fd 2 turned into a pipe for the length of one upgrade attempt.
+// stderrTee is the pipe a new process gets as its stderr during an attempt.
 type stderrTee struct {
-	real *os.File // this process's real stderr, a dup of the original fd 2
-	w    *os.File
-	done chan struct{}
-
-	mu    sync.Mutex
-	lines []string
+	saved *os.File // what os.Stderr was
+	w     *os.File
+	done  chan struct{}
+	tail  tail
 }
 
-// captureStderr points fd 2 at a pipe copied to real. real must be a dup of the
-// original stderr, kept for the process's life.
-func captureStderr(real *os.File) (*stderrTee, error) {
+// captureStderr makes os.Stderr a pipe copied to the real stderr. It must be
+// undone with stop before anything else reads os.Stderr to start a process.
+func captureStderr() (*stderrTee, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("capture stderr: %w", err)
 	}
-	if err := unix.Dup3(int(w.Fd()), 2, 0); err != nil {
-		r.Close()
-		w.Close()
-		return nil, fmt.Errorf("capture stderr: %w", err)
-	}
-	t := &stderrTee{real: real, w: w, done: make(chan struct{})}
-	go t.copy(r)
+	t := &stderrTee{saved: os.Stderr, w: w, done: make(chan struct{})}
+	os.Stderr = w
+	go func() {
+		defer close(t.done)
+		defer r.Close()
+		t.tail.copyFrom(io.TeeReader(r, t.saved))
+	}()
 	return t, nil
 }
 
-func (t *stderrTee) copy(r *os.File) {
-	defer close(t.done)
-	defer r.Close()
-	br := bufio.NewReader(io.TeeReader(r, t.real))
-	for {
-		line, err := br.ReadString('\n')
-		if line = strings.TrimRight(line, "\n"); line != "" {
-			t.mu.Lock()
-			t.lines = append(t.lines, line)
-			if len(t.lines) > stderrTailLines {
-				t.lines = t.lines[len(t.lines)-stderrTailLines:]
-			}
-			t.mu.Unlock()
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
-// stop puts the real stderr back on fd 2 and, when wait is set, waits (up to
-// a second: a grandchild may hold the pipe) for the new process's output to be
-// copied; it returns the last lines.
+// stop restores os.Stderr and, when wait is set, waits (a second at most: a
+// grandchild may hold the pipe) for the new process's output to be copied; it
+// returns the last lines.
 func (t *stderrTee) stop(wait bool) []string {
-	unix.Dup3(int(t.real.Fd()), 2, 0)
+	os.Stderr = t.saved
 	t.w.Close()
 	if wait {
 		select {
@@ -95,7 +79,55 @@ func (t *stderrTee) stop(wait bool) []string {
 		case <-time.After(time.Second):
 		}
 	}
+	return t.tail.lines()
+}
+
+// tail keeps the last stderrTailLines lines of what it reads, each at most
+// stderrLineMax bytes.
+type tail struct {
+	mu   sync.Mutex
+	last []string
+}
+
+func (t *tail) add(line string) {
+	line = strings.TrimRight(line, "\r\n")
+	if len(line) > stderrLineMax {
+		line = line[:stderrLineMax] + "..."
+	}
+	if line == "" {
+		return
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return append([]string(nil), t.lines...)
+	t.last = append(t.last, line)
+	if len(t.last) > stderrTailLines {
+		t.last = t.last[len(t.last)-stderrTailLines:]
+	}
+}
+
+func (t *tail) lines() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]string(nil), t.last...)
+}
+
+// copyFrom reads r to its end, keeping the tail; a line longer than the reader's
+// buffer is kept in part.
+func (t *tail) copyFrom(r io.Reader) {
+	br := bufio.NewReaderSize(r, stderrLineMax)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			t.add(string(line))
+		}
+		if err == bufio.ErrBufferFull {
+			// The rest of an overlong line.
+			for err == bufio.ErrBufferFull {
+				_, err = br.ReadSlice('\n')
+			}
+		}
+		if err != nil && err != bufio.ErrBufferFull {
+			return
+		}
+	}
 }

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/cloudflare/tableflip"
-	"golang.org/x/sys/unix"
 )
 
 // DefaultUpgradeTimeout is how long a new process has to become ready when
@@ -85,16 +84,15 @@ type Upgrader struct {
 	activated []activated       // from systemd, at first start, until claimed
 	control   *net.UnixListener // nil without Options.ControlPath
 	upgrading atomic.Bool       // an attempt runs
-	answering sync.WaitGroup    // control requests being answered
-	accepting chan struct{}     // closed when serveControl has returned
+	accepting chan struct{}     // closed when ServeControl has returned
 	listeners []ListenerInfo    // for Status; guarded by mu
 
-	mu         sync.Mutex
-	handedTo   *Result
-	last       *Outcome
-	children   *childChannel // made at the first upgrade
-	realStderr *os.File      // dup of the original fd 2, made at the first upgrade
-	sigC       chan os.Signal
+	mu           sync.Mutex
+	handedTo     *Result
+	last         *Outcome
+	children     *childChannel // made at the first upgrade
+	stderrPassed bool          // the real stderr is registered with tableflip
+	sigC         chan os.Signal
 }
 
 type request struct {
@@ -187,7 +185,7 @@ func New(opts Options) (*Upgrader, error) {
 	if opts.ControlPath != "" {
 		if u.control, err = u.listenControl(opts.ControlPath); err != nil {
 			tf.Stop()
-			return nil, fmt.Errorf("open control socket: %w", err)
+			return nil, fmt.Errorf("%w %s: %v", ErrControlSocket, opts.ControlPath, err)
 		}
 		u.accepting = make(chan struct{})
 	}
@@ -324,7 +322,7 @@ func (u *Upgrader) Ready() error {
 		if u.control != nil {
 			go func() {
 				defer close(u.accepting)
-				u.serveControl(u.control)
+				ServeControl(u.control, u, u.log)
 			}()
 		}
 	})
@@ -413,10 +411,10 @@ func (u *Upgrader) run() {
 		case req := <-u.requests:
 			u.log.Info("upgrade requested", "trigger", req.trigger)
 			switch {
-			case attempt != nil && req.trigger == "signal":
-				u.log.Info("upgrade ignored", "reason", "upgrade in progress")
-				req.reply <- outcome{err: ErrUpgradeInProgress}
 			case attempt != nil:
+				if req.trigger == "signal" {
+					u.log.Info("upgrade ignored", "reason", "upgrade in progress")
+				}
 				req.reply <- outcome{err: ErrUpgradeInProgress}
 			case !canStart && !req.wait:
 				err := ErrParentDraining
@@ -442,24 +440,42 @@ func (u *Upgrader) run() {
 			attempt = nil
 			reply(waiting, o)
 			waiting = nil
-			if o.err == nil {
-				u.mu.Lock()
-				u.handedTo = &o.res
-				u.mu.Unlock()
-				u.log.Info("upgrade succeeded", "new_pid", o.res.PID, "new_version", o.res.Version,
-					"new_generation", o.res.Generation, "duration", o.res.Duration)
-				reply(queued, outcome{res: o.res, err: ErrHandedOff})
-				return
+			if u.settle(o) {
+				return // queued is empty: requests queue only while no attempt can run
 			}
-			u.log.Error("upgrade failed", "kind", Kind(o.err), "error", o.err.Error())
 		case <-u.stopC:
 			reply(queued, outcome{err: ErrStopping})
 			if attempt != nil {
-				reply(waiting, <-attempt) // tableflip kills the child and answers "terminating"
+				// tableflip kills the child and answers "terminating", unless the
+				// child became ready at that very moment: it then serves.
+				o := <-attempt
+				reply(waiting, o)
+				u.settle(o)
 			}
 			return
 		}
 	}
+}
+
+// settle records an attempt's outcome; it reports whether a new generation took
+// over.
+func (u *Upgrader) settle(o outcome) bool {
+	if o.err != nil {
+		u.log.Error("upgrade failed", "kind", Kind(o.err), "error", o.err.Error())
+		if u.opts.PIDFile != "" {
+			// The new process may have written it before it failed to signal ready.
+			if err := WritePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
+				u.log.Error("cannot rewrite pid file", "error", err)
+			}
+		}
+		return false
+	}
+	u.mu.Lock()
+	u.handedTo = &o.res
+	u.mu.Unlock()
+	u.log.Info("upgrade succeeded", "new_pid", o.res.PID, "new_version", o.res.Version,
+		"new_generation", o.res.Generation, "duration", o.res.Duration)
+	return true
 }
 
 // attempt runs one upgrade; it is the only caller of tableflip's Upgrade.
@@ -524,24 +540,18 @@ func (u *Upgrader) tableflipUpgrade() error {
 	}
 }
 
-// captureStderr makes fd 2 a pipe for the attempt, passing the real stderr on
-// to the new process the first time.
+// captureStderr makes os.Stderr a pipe for the attempt, passing the real
+// stderr on to the new process the first time, for it to restore at Ready.
 func (u *Upgrader) captureStderr() (*stderrTee, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.realStderr == nil {
-		fd, err := unix.FcntlInt(2, unix.F_DUPFD_CLOEXEC, 3)
-		if err != nil {
-			return nil, fmt.Errorf("dup stderr: %w", err)
-		}
-		real := os.NewFile(uintptr(fd), "stderr")
-		if err := u.tf.AddFile(stderrName, real); err != nil {
-			real.Close()
+	if !u.stderrPassed {
+		if err := u.tf.AddFile(stderrName, os.Stderr); err != nil {
 			return nil, fmt.Errorf("pass stderr: %w", err)
 		}
-		u.realStderr = real
+		u.stderrPassed = true
 	}
-	return captureStderr(u.realStderr)
+	return captureStderr()
 }
 
 // preflight runs the new binary with Options.Preflight.
@@ -725,14 +735,13 @@ func (u *Upgrader) Close() error {
 		u.Stop()
 		<-u.doneC
 		if u.accepting != nil && isClosed(u.readyC) {
-			<-u.accepting // the run loop closed the control socket
+			// The run loop closed the control socket; the answers still being
+			// given (the verdict of the upgrade that ended this generation, say)
+			// are written before this returns.
+			<-u.accepting
 		}
-		u.answering.Wait() // the verdict of the upgrade that ended this generation, say
 		u.mu.Lock()
 		u.children.Close()
-		if u.realStderr != nil {
-			u.realStderr.Close()
-		}
 		handed := u.handedTo != nil
 		u.mu.Unlock()
 		if u.opts.PIDFile != "" && !handed {

@@ -113,7 +113,7 @@ func TestUpgradeOutcomes(t *testing.T) {
 	t.Setenv(childOutEnv, out)
 
 	control := filepath.Join(dir, "ctl.sock")
-	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: time.Second, Version: "v-parent", ControlPath: control})
+	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: 3 * time.Second, Version: "v-parent", ControlPath: control})
 	require.NoError(t, err)
 	t.Cleanup(func() { u.Close() })
 	assert.Equal(t, 1, u.Generation())

@@ -29,11 +29,15 @@ if ! version=$("$tmp" version); then
   rm -f "$tmp"
   die "$new does not run; nothing deployed"
 fi
-[ -f "$live" ] && cp -p "$live" "$live.prev"
+client="$live"
+if [ -f "$live" ]; then
+  cp -p "$live" "$live.prev"
+  client="$live.prev" # the binary that serves now asks for the upgrade: it is known to work
+fi
 mv -f "$tmp" "$live"
 echo "deploy: $live is now version $version; upgrading"
 status=0
-"$live" upgrade --pidfile "$pidfile" --wait --timeout "${DEPLOY_TIMEOUT:-120s}" || status=$?
+"$client" upgrade --pidfile "$pidfile" --wait --timeout "${DEPLOY_TIMEOUT:-120s}" || status=$?
 if [ "$status" -eq 1 ] && [ -f "$live.prev" ]; then
   mv -f "$live.prev" "$live"
   echo "deploy: upgrade failed; the previous binary is back at $live" >&2

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/handoff-dev/handoff/upgrader"
 )
 
 // Environment of a child, after the systemd socket-activation convention.
@@ -28,9 +30,6 @@ const (
 // listenFdsStart is where socket activation puts the first descriptor.
 const listenFdsStart = 3
 
-// tailLines is how many lines of a child's stderr are kept for a verdict.
-const tailLines = 20
-
 // child is one supervised process.
 type child struct {
 	pid        int
@@ -44,8 +43,7 @@ type child struct {
 	notify *net.UnixConn
 	output sync.WaitGroup // the stdout and stderr copiers
 
-	mu   sync.Mutex
-	tail []string
+	tail upgrader.Tail // of its stderr, for a verdict
 }
 
 // spawn starts a child with the listeners from fd 3 and its readiness channels;
@@ -144,7 +142,7 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 	}()
 	go func() {
 		defer c.output.Done()
-		copyLines(errR, s.opts.Stderr, prefix, c.keep)
+		copyLines(errR, s.opts.Stderr, prefix, c.tail.Add)
 	}()
 	go s.waitReadyLine(readyR, pid)
 	go s.readNotify(c)
@@ -164,21 +162,6 @@ func cleanEnv(env []string) []string {
 		out = append(out, kv)
 	}
 	return out
-}
-
-func (c *child) keep(line string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.tail = append(c.tail, line)
-	if len(c.tail) > tailLines {
-		c.tail = c.tail[len(c.tail)-tailLines:]
-	}
-}
-
-func (c *child) lastLines() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]string(nil), c.tail...)
 }
 
 // copyLines copies r to w line by line with prefix, handing each line to keep.

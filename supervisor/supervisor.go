@@ -426,7 +426,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				case current:
 					current = nil
 					s.log.Error("child died while serving: restarting it", "child_pid", c.pid,
-						"status", statusString(ev.status), "stderr", c.lastLines())
+						"status", statusString(ev.status), "stderr", c.tail.Lines())
 					if time.Since(lastStart) > 10*time.Second {
 						restarts = 0
 					}
@@ -505,13 +505,13 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 
 func exitError(c *child, ws syscall.WaitStatus) error {
 	if c.timedOut {
-		return &upgrader.TimeoutError{PID: c.pid, Stderr: c.lastLines()}
+		return &upgrader.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
 	}
 	code := -1
 	if ws.Exited() {
 		code = ws.ExitStatus()
 	}
-	return &upgrader.ExitError{PID: c.pid, Status: statusString(ws), Code: code, Stderr: c.lastLines()}
+	return &upgrader.ExitError{PID: c.pid, Status: statusString(ws), Code: code, Stderr: c.tail.Lines()}
 }
 
 func statusString(ws syscall.WaitStatus) string {

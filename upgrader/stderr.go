@@ -47,7 +47,7 @@ type stderrTee struct {
 	saved *os.File // what os.Stderr was
 	w     *os.File
 	done  chan struct{}
-	tail  tail
+	tail  Tail
 }
 
 // captureStderr makes os.Stderr a pipe copied to the real stderr. It must be
@@ -79,17 +79,18 @@ func (t *stderrTee) stop(wait bool) []string {
 		case <-time.After(time.Second):
 		}
 	}
-	return t.tail.lines()
+	return t.tail.Lines()
 }
 
-// tail keeps the last stderrTailLines lines of what it reads, each at most
-// stderrLineMax bytes.
-type tail struct {
+// Tail keeps the last lines of a process's output for a verdict (Outcome.Stderr):
+// 20 lines at most, each cut at 1 KiB. The zero value is ready to use.
+type Tail struct {
 	mu   sync.Mutex
 	last []string
 }
 
-func (t *tail) add(line string) {
+// Add keeps line.
+func (t *Tail) Add(line string) {
 	line = strings.TrimRight(line, "\r\n")
 	if len(line) > stderrLineMax {
 		line = line[:stderrLineMax] + "..."
@@ -105,7 +106,8 @@ func (t *tail) add(line string) {
 	}
 }
 
-func (t *tail) lines() []string {
+// Lines returns the lines kept.
+func (t *Tail) Lines() []string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return append([]string(nil), t.last...)
@@ -113,12 +115,12 @@ func (t *tail) lines() []string {
 
 // copyFrom reads r to its end, keeping the tail; a line longer than the reader's
 // buffer is kept in part.
-func (t *tail) copyFrom(r io.Reader) {
+func (t *Tail) copyFrom(r io.Reader) {
 	br := bufio.NewReaderSize(r, stderrLineMax)
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
-			t.add(string(line))
+			t.Add(string(line))
 		}
 		if err == bufio.ErrBufferFull {
 			// The rest of an overlong line.

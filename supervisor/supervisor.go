@@ -462,6 +462,7 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 	}
 	deadline := time.NewTimer(s.opts.DrainTimeout)
 	defer deadline.Stop()
+	force := s.forceC
 	var failed []string
 	for s.tracked() > 0 {
 		select {
@@ -481,26 +482,27 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 			if c != starting && !clean {
 				failed = append(failed, fmt.Sprintf("child %d: %s", c.pid, st))
 			}
-		case <-s.forceC:
-			s.mu.Lock()
-			for pid := range s.children {
-				s.log.Warn("forced stop: killing the child's process group", "child_pid", pid)
-				s.reaper.signal(pid, syscall.SIGKILL, true)
-			}
-			s.mu.Unlock()
+		case <-force:
+			force = nil // closed: once is enough
+			s.killAll("forced stop: killing the child's process group")
 		case <-deadline.C:
-			s.mu.Lock()
-			for pid := range s.children {
-				s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", pid)
-				s.reaper.signal(pid, syscall.SIGKILL, true)
-			}
-			s.mu.Unlock()
+			s.killAll("child still running at the drain deadline: killing its process group")
 		}
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("%w: %v", ErrChildFailed, failed)
 	}
 	return nil
+}
+
+// killAll kills every child's process group.
+func (s *Supervisor) killAll(why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for pid := range s.children {
+		s.log.Warn(why, "child_pid", pid)
+		s.reaper.signal(pid, syscall.SIGKILL, true)
+	}
 }
 
 func exitError(c *child, ws syscall.WaitStatus) error {

@@ -293,3 +293,21 @@ func TestReaperReapsOrphans(t *testing.T) {
 		t.Fatal("orphan not reaped")
 	}
 }
+
+func TestForceKillsAChildThatIgnoresItsStopSignal(t *testing.T) {
+	sup, err := New(Options{Command: []string{"/bin/sh", "-c", `trap '' TERM; eval "echo READY=1 >&$HANDOFF_READY_FD"; sleep 600 & wait $!; sleep 600`},
+		Shim: shellShim, DrainTimeout: time.Hour, Stdout: &syncBuffer{}, Stderr: &syncBuffer{}})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sup.Run(ctx) }()
+	require.Eventually(t, func() bool { return sup.Status().Phase == "serving" }, 10*time.Second, 5*time.Millisecond)
+	cancel() // SIGTERM, which the child ignores; the drain timeout is an hour
+	sup.Force()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, ErrChildFailed, "a child killed by force did not stop cleanly")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Force did not end the stop")
+	}
+}

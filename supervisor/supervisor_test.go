@@ -311,3 +311,16 @@ func TestForceKillsAChildThatIgnoresItsStopSignal(t *testing.T) {
 		t.Fatal("Force did not end the stop")
 	}
 }
+
+func TestSignalIsForwardedToTheServingChild(t *testing.T) {
+	dir := t.TempDir()
+	got := filepath.Join(dir, "got-usr1")
+	h := start(t, 5*time.Second, "/bin/sh", "-c", `trap 'echo usr1 > "$0"' USR1; trap 'exit 0' TERM
+eval "echo READY=1 >&$HANDOFF_READY_FD"
+while :; do sleep 600 & wait $!; done`, got)
+	h.sup.Signal(syscall.SIGUSR1)
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(got)
+		return err == nil && strings.TrimSpace(string(b)) == "usr1"
+	}, 10*time.Second, 5*time.Millisecond, "the child's USR1 trap ran")
+}

@@ -30,43 +30,16 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 	s := startServer(b, serverOpts{upgradeTimeout: "10s", drainTimeout: "10s"})
 	first := s.pid()
 
-	// Peak RSS (VmHWM) of every handoff process, sampled every 100 ms.
-	var rssMu sync.Mutex
-	peakKiB := map[int]int64{}
-	rssStop, rssDone := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(rssDone)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			for _, p := range groupProcs(s.pgid) {
-				if kib, ok := vmHWM(p); ok {
-					rssMu.Lock()
-					if kib > peakKiB[p] {
-						peakKiB[p] = kib
-					}
-					rssMu.Unlock()
-				}
-			}
-			select {
-			case <-rssStop:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	stopRSS := sync.OnceFunc(func() { close(rssStop); <-rssDone })
-	b.Cleanup(stopRSS)
+	// Peak RSS (VmHWM) of every handoff process.
+	rss := sampleRSS(b, func() []int { return groupProcs(s.pgid) })
 
 	load := startLoad(b, s.bins, s.addr, rate,
 		"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", slow.String(), "--samples")
-	load.waitFlowing(s.port)
 	b.ResetTimer()
 
 	type upgrade struct {
-		hupNs          int64
-		oldPID, newPID int
-		version        string
+		benchUpgrade // startNs: when the HUP was sent
+		version      string
 	}
 	var ups []upgrade
 	tick := time.NewTicker(time.Second)
@@ -74,14 +47,8 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 	for i := 0; i < upgrades; i++ {
 		<-tick.C // pacing: one HUP per second at most
 		old := s.pid()
-		if len(ups) > 0 {
-			// Let the previous generation finish draining, so that this HUP
-			// upgrades at once instead of being queued.
-			prev := ups[len(ups)-1].oldPID
-			if !poll(15*time.Second, func() bool { return !alive(prev) }) {
-				b.Errorf("upgrade %d: generation %d still alive 15s after being replaced", i, prev)
-				break
-			}
+		if !replacedGone(b, ups, i+1, "generation") {
+			break
 		}
 		v := nextVersion(s.version)
 		s.deploy(v)
@@ -97,16 +64,153 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 			break
 		}
 		s.version = v
-		ups = append(ups, upgrade{hupNs: hup, oldPID: old, newPID: p, version: v})
+		ups = append(ups, upgrade{benchUpgrade{startNs: hup, oldPID: old, newPID: p}, v})
 	}
-	<-tick.C // keep the load on for the window after the last upgrade
+	res, sent := finishLoad(b, tick, ups, load, rss)
+	// 2% of the requests are /slow ones that take 800 ms by design, so p99 is
+	// theirs; the "fast" figures leave them out.
+	f := reportLoad(b, res, first, ups, window, slow)
+
+	// Peak RSS per generation.
+	var rssMiB []float64
+	genRSS := map[int]float64{}
+	for p, kib := range rss.kib {
+		genRSS[p] = float64(kib) / 1024
+		rssMiB = append(rssMiB, genRSS[p])
+	}
+	b.ReportMetric(maxOf(rssMiB), "rss-max-MiB")
+	b.ReportMetric(percentile(rssMiB, 50), "rss-median-MiB")
+
+	// A readable table. The testing package keeps only the first 10 lines
+	// of a benchmark's output, so the per-upgrade table is transposed: one
+	// row per figure, one column per upgrade.
+	// A readable table (see tableRows).
+	var t strings.Builder
+	fmt.Fprintf(&t, "%d requests in %v at %d/s, %d failed [%s]; %d upgrades done (%d HUPs), peak RSS per generation max %.1f median %.1f MiB\n",
+		res.Requests, sent.Round(time.Millisecond), rate, res.Failed, strings.Join(f.byKind, " "), f.done, len(ups), maxOf(rssMiB), percentile(rssMiB, 50))
+	f.writeLatency(&t, slow)
+	fmt.Fprintf(&t, "in the %v after each HUP: p50 %.2f p99 %.2f max %.2f; fast ones p99 %.2f; handoff (HUP -> first response from the new pid) median %.1f max %.1f ms\n",
+		window, percentile(f.after, 50), percentile(f.after, 99), maxOf(f.after), percentile(f.fastAfter, 99), percentile(f.handoffMs, 50), maxOf(f.handoffMs))
+	row := tableRows(&t, ups)
+	row("upgrade", func(i int, _ upgrade) string { return fmt.Sprint(i + 1) })
+	row("version", func(_ int, u upgrade) string { return u.version })
+	row("handoff ms", func(i int, _ upgrade) string { return f.hand[i] })
+	row("fast p99 ms after HUP", func(i int, _ upgrade) string { return fmt.Sprintf("%.2f", percentile(f.perUp[i], 99)) })
+	row("responses from new pid", func(_ int, u upgrade) string { return fmt.Sprint(countOf(res, u.newPID)) })
+	row("peak RSS MiB new pid", func(_ int, u upgrade) string { return fmt.Sprintf("%.1f", genRSS[u.newPID]) })
+	f.log(b, &t)
+}
+
+// ---------------------------------------------------------------------------
+// Shared by BenchmarkUpgradeUnderLoad and BenchmarkRunNodeUnderLoad.
+
+// benchUpgrade is what both load benchmarks record of every upgrade.
+type benchUpgrade struct {
+	startNs        int64 // when it was asked for (SIGHUP sent, handoff upgrade started)
+	oldPID, newPID int
+}
+
+func (u benchUpgrade) base() benchUpgrade { return u }
+
+// upgradeRecord is a benchmark's record of an upgrade: a benchUpgrade, or a
+// struct that embeds one.
+type upgradeRecord interface{ base() benchUpgrade }
+
+// rssPeaks is the peak RSS (VmHWM) in KiB of every process sampleRSS saw.
+type rssPeaks struct {
+	mu   sync.Mutex
+	kib  map[int]int64 // by pid; read it once stop has returned
+	stop func()        // ends the sampling; idempotent
+}
+
+// sampleRSS samples the peak RSS of the processes pids returns, every 100 ms,
+// until stop (or the end of the benchmark).
+func sampleRSS(b *testing.B, pids func() []int) *rssPeaks {
+	r := &rssPeaks{kib: map[int]int64{}}
+	stopC, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			for _, p := range pids() {
+				if kib, ok := vmHWM(p); ok {
+					r.mu.Lock()
+					if kib > r.kib[p] {
+						r.kib[p] = kib
+					}
+					r.mu.Unlock()
+				}
+			}
+			select {
+			case <-stopC:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	r.stop = sync.OnceFunc(func() { close(stopC); <-done })
+	b.Cleanup(r.stop)
+	return r
+}
+
+// replacedGone waits (15s) for the process the last of ups replaced to exit,
+// so that upgrade n starts at once instead of being queued behind its drain.
+// It fails b and returns false when that process (a what) is still alive.
+func replacedGone[U upgradeRecord](b *testing.B, ups []U, n int, what string) bool {
+	b.Helper()
+	if len(ups) == 0 {
+		return true
+	}
+	prev := ups[len(ups)-1].base().oldPID
+	if !poll(15*time.Second, func() bool { return !alive(prev) }) {
+		b.Errorf("upgrade %d: %s %d still alive 15s after being replaced", n, what, prev)
+		return false
+	}
+	return true
+}
+
+// finishLoad keeps the load on for one more tick (the window after the last
+// upgrade), waits (15s, unchecked) for the last replaced process to exit,
+// then stops the load, the benchmark timer and rss.
+func finishLoad[U upgradeRecord](b *testing.B, tick *time.Ticker, ups []U, load *loadProc, rss *rssPeaks) (*loadgen.Result, time.Duration) {
+	b.Helper()
+	<-tick.C
 	if len(ups) > 0 {
-		last := ups[len(ups)-1].oldPID
+		last := ups[len(ups)-1].base().oldPID
 		poll(15*time.Second, func() bool { return !alive(last) })
 	}
 	res, sent := load.stop()
 	b.StopTimer()
-	stopRSS()
+	rss.stop()
+	return res, sent
+}
+
+// loadFigures are what the client saw in a load benchmark.
+type loadFigures struct {
+	res    *loadgen.Result
+	byKind []string // "kind=count", by kind
+	done   int      // upgrades done: distinct PIDs that answered, other than the first
+	// handoffMs: upgrade start -> first response from the new PID, for each
+	// upgrade whose new PID answered; hand is the same per upgrade, as text
+	// ("-" when it never answered).
+	handoffMs []float64
+	hand      []string
+	// Latency in ms of the OK requests, overall and in the window after each
+	// upgrade start; the fast ones are those under slow. perUp holds the fast
+	// ones of each upgrade's window.
+	all, after, fastAll, fastAfter []float64
+	perUp                          [][]float64
+}
+
+// reportLoad computes the figures of res and reports them: requests,
+// failures, failures-KIND, upgrades, handoff-median-ms, handoff-max-ms,
+// p50-ms, p99-ms, max-ms, after-upgrade-{p50,p99,max}-ms, fast-p99-ms and
+// fast-after-upgrade-p99-ms. first is the PID that answered first, window
+// how long "after an upgrade" lasts, and slow the latency from which on a
+// request does not count as fast (the /slow requests take that long by design).
+func reportLoad[U upgradeRecord](b *testing.B, res *loadgen.Result, first int, ups []U, window, slow time.Duration) *loadFigures {
+	f := &loadFigures{res: res}
 
 	// Requests and failures.
 	b.ReportMetric(float64(res.Requests), "requests")
@@ -116,115 +220,99 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 		kinds = append(kinds, k)
 	}
 	sort.Strings(kinds)
-	byKind := make([]string, 0, len(kinds))
+	f.byKind = make([]string, 0, len(kinds))
 	for _, k := range kinds {
 		b.ReportMetric(float64(res.Failures[k]), "failures-"+k)
-		byKind = append(byKind, fmt.Sprintf("%s=%d", k, res.Failures[k]))
+		f.byKind = append(f.byKind, fmt.Sprintf("%s=%d", k, res.Failures[k]))
 	}
 
-	// Upgrades done: distinct PIDs other than the first one that answered.
-	done := 0
+	// Upgrades done.
 	for _, p := range res.PIDs {
 		if p.PID != first && p.PID != 0 {
-			done++
+			f.done++
 		}
 	}
-	b.ReportMetric(float64(done), "upgrades")
+	b.ReportMetric(float64(f.done), "upgrades")
 
-	// Handoff time: HUP -> first response from the new PID.
-	var handoffMs []float64
-	hand := make([]string, len(ups))
+	// Handoff time.
+	f.hand = make([]string, len(ups))
 	for i, u := range ups {
-		hand[i] = "-"
-		if ps, ok := pidStat(res, u.newPID); ok && ps.First > 0 {
-			ms := float64(ps.First-u.hupNs) / 1e6
-			handoffMs = append(handoffMs, ms)
-			hand[i] = fmt.Sprintf("%.1f", ms)
+		f.hand[i] = "-"
+		if ps, ok := pidStat(res, u.base().newPID); ok && ps.First > 0 {
+			ms := float64(ps.First-u.base().startNs) / 1e6
+			f.handoffMs = append(f.handoffMs, ms)
+			f.hand[i] = fmt.Sprintf("%.1f", ms)
 		}
 	}
-	b.ReportMetric(percentile(handoffMs, 50), "handoff-median-ms")
-	b.ReportMetric(maxOf(handoffMs), "handoff-max-ms")
+	b.ReportMetric(percentile(f.handoffMs, 50), "handoff-median-ms")
+	b.ReportMetric(maxOf(f.handoffMs), "handoff-max-ms")
 
-	// Latency of OK requests overall and in the window after each HUP. 2% of
-	// the requests are /slow ones that take 800 ms by design, so p99 is
-	// theirs; the "fast" figures leave out every request of 800 ms or more
-	// (a normal request delayed that much still shows in the max).
-	var all, after, fastAll, fastAfter []float64
-	perUp := make([][]float64, len(ups))
+	// Latency. A normal request delayed past slow still shows in the max.
+	f.perUp = make([][]float64, len(ups))
 	slowMs := float64(slow.Milliseconds())
 	for _, smp := range res.Samples {
 		if !smp.OK {
 			continue
 		}
 		ms := float64(smp.LatencyUS) / 1000
-		all = append(all, ms)
+		f.all = append(f.all, ms)
 		fast := ms < slowMs
 		if fast {
-			fastAll = append(fastAll, ms)
+			f.fastAll = append(f.fastAll, ms)
 		}
 		in := false
 		for i, u := range ups {
-			if smp.Start >= u.hupNs && smp.Start < u.hupNs+int64(window) {
+			if start := u.base().startNs; smp.Start >= start && smp.Start < start+int64(window) {
 				if fast {
-					perUp[i] = append(perUp[i], ms)
+					f.perUp[i] = append(f.perUp[i], ms)
 				}
 				in = true
 			}
 		}
 		if in {
-			after = append(after, ms)
+			f.after = append(f.after, ms)
 			if fast {
-				fastAfter = append(fastAfter, ms)
+				f.fastAfter = append(f.fastAfter, ms)
 			}
 		}
 	}
-	b.ReportMetric(percentile(all, 50), "p50-ms")
-	b.ReportMetric(percentile(all, 99), "p99-ms")
-	b.ReportMetric(maxOf(all), "max-ms")
-	b.ReportMetric(percentile(after, 50), "after-upgrade-p50-ms")
-	b.ReportMetric(percentile(after, 99), "after-upgrade-p99-ms")
-	b.ReportMetric(maxOf(after), "after-upgrade-max-ms")
-	b.ReportMetric(percentile(fastAll, 99), "fast-p99-ms")
-	b.ReportMetric(percentile(fastAfter, 99), "fast-after-upgrade-p99-ms")
+	b.ReportMetric(percentile(f.all, 50), "p50-ms")
+	b.ReportMetric(percentile(f.all, 99), "p99-ms")
+	b.ReportMetric(maxOf(f.all), "max-ms")
+	b.ReportMetric(percentile(f.after, 50), "after-upgrade-p50-ms")
+	b.ReportMetric(percentile(f.after, 99), "after-upgrade-p99-ms")
+	b.ReportMetric(maxOf(f.after), "after-upgrade-max-ms")
+	b.ReportMetric(percentile(f.fastAll, 99), "fast-p99-ms")
+	b.ReportMetric(percentile(f.fastAfter, 99), "fast-after-upgrade-p99-ms")
+	return f
+}
 
-	// Peak RSS per generation.
-	rssMu.Lock()
-	var rssMiB []float64
-	genRSS := map[int]float64{}
-	for p, kib := range peakKiB {
-		genRSS[p] = float64(kib) / 1024
-		rssMiB = append(rssMiB, genRSS[p])
+// writeLatency writes the table line of the latency of all OK requests.
+func (f *loadFigures) writeLatency(t *strings.Builder, slow time.Duration) {
+	fmt.Fprintf(t, "latency ms, all OK requests (2%% are %v slow by design): p50 %.2f p99 %.2f max %.2f; fast ones (< %v): p50 %.2f p99 %.2f\n",
+		slow, percentile(f.all, 50), percentile(f.all, 99), maxOf(f.all), slow, percentile(f.fastAll, 50), percentile(f.fastAll, 99))
+}
+
+// log logs the table t, then the first failures if any.
+func (f *loadFigures) log(b *testing.B, t *strings.Builder) {
+	b.Helper()
+	b.Log(strings.TrimSuffix(t.String(), "\n"))
+	if f.res.Failed > 0 {
+		b.Logf("first failures:\n%s", strings.Join(f.res.Errors, "\n"))
 	}
-	rssMu.Unlock()
-	b.ReportMetric(maxOf(rssMiB), "rss-max-MiB")
-	b.ReportMetric(percentile(rssMiB, 50), "rss-median-MiB")
+}
 
-	// A readable table. The testing package keeps only the first 10 lines
-	// of a benchmark's output, so the per-upgrade table is transposed: one
-	// row per figure, one column per upgrade.
-	var t strings.Builder
-	fmt.Fprintf(&t, "%d requests in %v at %d/s, %d failed [%s]; %d upgrades done (%d HUPs), peak RSS per generation max %.1f median %.1f MiB\n",
-		res.Requests, sent.Round(time.Millisecond), rate, res.Failed, strings.Join(byKind, " "), done, len(ups), maxOf(rssMiB), percentile(rssMiB, 50))
-	fmt.Fprintf(&t, "latency ms, all OK requests (2%% are %v slow by design): p50 %.2f p99 %.2f max %.2f; fast ones (< %v): p50 %.2f p99 %.2f\n",
-		slow, percentile(all, 50), percentile(all, 99), maxOf(all), slow, percentile(fastAll, 50), percentile(fastAll, 99))
-	fmt.Fprintf(&t, "in the %v after each HUP: p50 %.2f p99 %.2f max %.2f; fast ones p99 %.2f; handoff (HUP -> first response from the new pid) median %.1f max %.1f ms\n",
-		window, percentile(after, 50), percentile(after, 99), maxOf(after), percentile(fastAfter, 99), percentile(handoffMs, 50), maxOf(handoffMs))
-	row := func(name string, cell func(i int, u upgrade) string) {
-		fmt.Fprintf(&t, "%-22s", name)
+// tableRows returns a function that writes a row of the per-upgrade table
+// to t: its name, then one column per upgrade of ups, cell(i, ups[i]) in it.
+// The table is transposed because the testing package keeps only the first
+// lines of a benchmark's output.
+func tableRows[U any](t *strings.Builder, ups []U) func(name string, cell func(i int, u U) string) {
+	return func(name string, cell func(i int, u U) string) {
+		fmt.Fprintf(t, "%-22s", name)
 		for i, u := range ups {
-			fmt.Fprintf(&t, " %6s", cell(i, u))
+			fmt.Fprintf(t, " %6s", cell(i, u))
 		}
 		t.WriteByte('\n')
-	}
-	row("upgrade", func(i int, _ upgrade) string { return fmt.Sprint(i + 1) })
-	row("version", func(_ int, u upgrade) string { return u.version })
-	row("handoff ms", func(i int, _ upgrade) string { return hand[i] })
-	row("fast p99 ms after HUP", func(i int, _ upgrade) string { return fmt.Sprintf("%.2f", percentile(perUp[i], 99)) })
-	row("responses from new pid", func(_ int, u upgrade) string { return fmt.Sprint(countOf(res, u.newPID)) })
-	row("peak RSS MiB new pid", func(_ int, u upgrade) string { return fmt.Sprintf("%.1f", genRSS[u.newPID]) })
-	b.Log(strings.TrimSuffix(t.String(), "\n"))
-	if res.Failed > 0 {
-		b.Logf("first failures:\n%s", strings.Join(res.Errors, "\n"))
 	}
 }
 

@@ -35,18 +35,8 @@ import (
 const ctlCLITimeout = 30 * time.Second
 
 // ---------------------------------------------------------------------------
-// Starting a server with extra flags, environment, descriptors or a wrapper.
-
-type ctlServerOpts struct {
-	dir            string   // where the live binary, PID file and control socket go; default tb.TempDir()
-	listen         string   // default 127.0.0.1:0
-	upgradeTimeout string   // default 3s
-	drainTimeout   string   // default 10s
-	args           []string // more serve flags
-	env            []string // more environment (NOTIFY_SOCKET, LISTEN_* are never inherited from the test)
-	extraFiles     []*os.File
-	wrap           []string // run wrap... LIVE serve ...; the wrapper must exec (keep the PID)
-}
+// Starting a server with extra flags, environment, descriptors or a wrapper:
+// startServer with serverOpts{cleanEnv: true, ...}.
 
 // ctlEnv is the test's environment without systemd's variables, plus extra.
 func ctlEnv(extra []string) []string {
@@ -60,109 +50,6 @@ func ctlEnv(extra []string) []string {
 		env = append(env, kv)
 	}
 	return append(env, extra...)
-}
-
-// ctlStartServer is startServer with ctlServerOpts: it copies handoff-v1 to
-// DIR/handoff and runs [wrap...] DIR/handoff serve --listen L --pidfile
-// DIR/handoff.pid --log-format json ... in its own process group, and returns
-// once the first generation serves. Cleanup kills the group and waits for it,
-// and dumps the server's output when the test failed.
-func ctlStartServer(tb testing.TB, o ctlServerOpts) *server {
-	tb.Helper()
-	if o.dir == "" {
-		o.dir = tb.TempDir()
-	}
-	if o.listen == "" {
-		o.listen = "127.0.0.1:0"
-	}
-	if o.upgradeTimeout == "" {
-		o.upgradeTimeout = "3s"
-	}
-	if o.drainTimeout == "" {
-		o.drainTimeout = "10s"
-	}
-	b := bins(tb)
-	s := &server{
-		tb:      tb,
-		bins:    b,
-		dir:     o.dir,
-		live:    filepath.Join(o.dir, "handoff"),
-		pidfile: filepath.Join(o.dir, "handoff.pid"),
-		logs:    newLogStore(2),
-		exited:  make(chan struct{}),
-		version: "v1",
-	}
-	copyFile(tb, filepath.Join(b, "handoff-v1"), s.live, 0o755)
-
-	rOut, wOut, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	rErr, wErr, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	args := append([]string{s.live, "serve",
-		"--listen", o.listen,
-		"--pidfile", s.pidfile,
-		"--log-format", "json",
-		"--upgrade-timeout", o.upgradeTimeout,
-		"--drain-timeout", o.drainTimeout}, o.args...)
-	args = append(append([]string(nil), o.wrap...), args...)
-	s.cmd = exec.Command(args[0], args[1:]...)
-	s.cmd.Dir = o.dir
-	s.cmd.Env = ctlEnv(o.env)
-	s.cmd.Stdout = wOut
-	s.cmd.Stderr = wErr
-	s.cmd.ExtraFiles = o.extraFiles
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-
-	tb.Cleanup(func() {
-		if tb.Failed() {
-			tb.Logf("server output (%s):\n%s", s.dir, s.logs.tail(400))
-		}
-	})
-	err = s.cmd.Start()
-	wOut.Close()
-	wErr.Close()
-	if err != nil {
-		rOut.Close()
-		rErr.Close()
-		tb.Fatalf("start %v: %v", args, err)
-	}
-	s.pgid = s.cmd.Process.Pid
-	go s.logs.consume(rOut, "stdout")
-	go s.logs.consume(rErr, "stderr")
-	go func() {
-		_ = s.cmd.Wait()
-		close(s.exited)
-	}()
-	tb.Cleanup(s.kill)
-
-	first := s.cmd.Process.Pid
-	l := s.logs.waitLog(tb, 0, "listening", pidIs(first), 15*time.Second)
-	s.addr = l.str("addr")
-	host, portStr, err := net.SplitHostPort(s.addr)
-	if err != nil || host != "127.0.0.1" {
-		tb.Fatalf("listening log line has addr %q, want 127.0.0.1:PORT: %s", s.addr, l.raw)
-	}
-	s.port, _ = strconv.Atoi(portStr)
-	if s.port == 0 {
-		tb.Fatalf("listening log line has port 0: %s", l.raw)
-	}
-	s.logs.waitLog(tb, 0, "ready", pidIs(first), 15*time.Second)
-	eventually(tb, 10*time.Second, func() bool { p, err := s.readPID(); return err == nil && p == first },
-		"PID file %s to name the first process %d", s.pidfile, first)
-	s.waitServing(first, "v1", 10*time.Second)
-	ins := listenInodes(s.port)
-	if len(ins) != 1 {
-		tb.Fatalf("LISTEN sockets on 127.0.0.1:%d in /proc/net/tcp: %v, want exactly one", s.port, ins)
-	}
-	s.inode = ins[0]
-	if !hasSocketInode(first, s.inode) {
-		tb.Fatalf("first process %d has no descriptor for the listening socket inode %d", first, s.inode)
-	}
-	return s
 }
 
 // ctlPublicDir makes a directory under os.TempDir() with mode 0755 (t.TempDir
@@ -414,7 +301,6 @@ func TestUpgradeVerdict(t *testing.T) {
 	s := startServer(t, serverOpts{upgradeTimeout: "2s"})
 	p1 := s.pid()
 	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
-	load.waitFlowing(s.port)
 
 	// A good binary: exit 0, the new pid is the PID file's.
 	p2 := ctlGoodUpgrade(t, s, "v2", 2)
@@ -621,13 +507,15 @@ func TestUpgradeDuringDrain(t *testing.T) {
 		t.Fatalf("precondition: pid %d exited before the --wait upgrade was queued", p1)
 	}
 	// While it waits, no third generation may appear as long as p1 lives.
+	var prev map[int]bool
 	eventually(t, 30*time.Second, func() bool {
 		p1Alive := alive(p1)
 		if p, err := s.readPID(); err == nil && p != p1 && p != p2 && p1Alive {
 			t.Errorf("PID file names %d while pid %d still drains", p, p1)
 			return true
 		}
-		if ps := s.procs(); len(ps) > 2 {
+		var ps []int
+		if ps, prev = steady(prev, s.procs(), func(p int) int { return p }); len(ps) > 2 {
 			t.Errorf("%d live processes %v while an upgrade waits for the drain", len(ps), ps)
 			return true
 		}
@@ -673,15 +561,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 		t.Errorf("log order: p1 exiting line %d, p2 previous generation exited %d, running queued upgrade %d, p1's last line %d, p3's first line %d, p3 ready %d: the third generation did not wait for the first to exit",
 			exitIdx[0], goneIdx[0], runIdx[0], p1Idx[len(p1Idx)-1], p3Idx[0], readyIdx[0])
 	}
-	if !waitChan(slow.done, 15*time.Second) {
-		t.Fatalf("slow request did not complete")
-	}
-	if slow.err != nil || slow.resp.status != 200 || slow.resp.pid != p1 {
-		t.Errorf("slow request: %v, want 200 from pid %d", slow, p1)
-	}
-	s.waitGone(p2, 15*time.Second)
-	s.checkOneProcess(t, p3)
-	s.checkListener(t, p3)
+	s.waitSlowThenSettled(t, slow, p1, p2, p3)
 
 	st = ctlStatusOf(t, s, p3)
 	if st.Phase != "serving" || st.PreviousPID != 0 || st.Generation != 3 || st.Version != "v3" {
@@ -741,7 +621,7 @@ func TestControlSocketPermissions(t *testing.T) {
 		t.Skip("skipped: running handoff status as uid 65534 needs root (SysProcAttr.Credential); euid is", os.Geteuid())
 	}
 	dir := ctlPublicDir(t)
-	s := ctlStartServer(t, ctlServerOpts{dir: dir})
+	s := startServer(t, serverOpts{cleanEnv: true, dir: dir})
 	pid := s.pid()
 	sock := s.pidfile + ".sock"
 	fi, err := os.Stat(sock)
@@ -949,7 +829,7 @@ func (n *ctlNotifySocket) flush(t *testing.T) []ctlNotifyMsg {
 
 func TestNotifySequence(t *testing.T) {
 	ns := ctlListenNotify(t)
-	s := ctlStartServer(t, ctlServerOpts{env: []string{"NOTIFY_SOCKET=" + ns.path}})
+	s := startServer(t, serverOpts{cleanEnv: true, env: []string{"NOTIFY_SOCKET=" + ns.path}})
 	p1 := s.pid()
 
 	p2 := ctlGoodUpgrade(t, s, "v2", 2)
@@ -1073,7 +953,8 @@ func TestSocketActivation(t *testing.T) {
 		t.Fatalf("precondition: LISTEN inodes on %s %v, want the test's socket [%d]", addr, ins, inode)
 	}
 
-	s := ctlStartServer(t, ctlServerOpts{
+	s := startServer(t, serverOpts{
+		cleanEnv:   true,
 		listen:     addr,
 		extraFiles: []*os.File{f},
 		wrap:       []string{"/bin/sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http exec "$0" "$@"`},
@@ -1130,7 +1011,7 @@ func TestSocketActivation(t *testing.T) {
 // 6. --preflight and --check.
 
 func TestPreflight(t *testing.T) {
-	s := ctlStartServer(t, ctlServerOpts{args: []string{"--preflight"}})
+	s := startServer(t, serverOpts{cleanEnv: true, args: []string{"--preflight"}})
 	p1 := s.pid()
 
 	mark := s.logs.mark()
@@ -1203,53 +1084,15 @@ func TestPID1Warning(t *testing.T) {
 		t.Skipf("skipped: unshare --pid --fork --mount-proc true does not work here (needs root or user namespaces): %v", probe)
 	}
 
-	logs := newLogStore(2)
-	rOut, wOut, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rErr, wErr, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
 	cmd := exec.Command(unshare, "--pid", "--fork", filepath.Join(b, "handoff-v1"), "serve",
 		"--listen", "127.0.0.1:0", "--log-format", "json")
 	cmd.Dir = t.TempDir()
 	cmd.Env = ctlEnv(nil)
-	cmd.Stdout, cmd.Stderr = wOut, wErr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.tail(100))
-		}
-	})
-	err = cmd.Start()
-	wOut.Close()
-	wErr.Close()
-	if err != nil {
-		rOut.Close()
-		rErr.Close()
-		t.Fatal(err)
-	}
-	go logs.consume(rOut, "stdout")
-	go logs.consume(rErr, "stderr")
+	logs, exited := startPiped(t, cmd, "server output", 100)
 	pgid := cmd.Process.Pid
-	exited := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(exited)
-	}()
 	t.Cleanup(func() {
 		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		if !waitChan(exited, 10*time.Second) {
-			t.Errorf("unshare %d not reaped 10s after SIGKILL", pgid)
-		}
-		if !poll(10*time.Second, func() bool { return len(groupProcs(pgid)) == 0 }) {
-			t.Errorf("processes of group %d still alive 10s after SIGKILL: %v", pgid, groupProcs(pgid))
-		}
-		if !waitChan(logs.done, 10*time.Second) {
-			t.Errorf("output pipes of group %d not closed", pgid)
-		}
+		waitGroupGone(t, pgid, exited, logs, "unshare")
 	})
 
 	w := logs.waitLog(t, 0, "", func(l logLine) bool { return strings.Contains(l.msg(), "running as PID 1") }, 15*time.Second)

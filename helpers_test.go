@@ -340,22 +340,54 @@ func alive(pid int) bool {
 	return ok && st.state != 'Z' && st.state != 'X'
 }
 
-// groupProcs returns the live (non-zombie) processes of process group pgid.
-func groupProcs(pgid int) []int {
+// isProcess reports whether pid is a process (a thread group's leader), not
+// one of its threads: a scan of /proc can, for a moment, meet a thread that is
+// being created, with its process's group.
+func isProcess(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			return strings.TrimSpace(v) == strconv.Itoa(pid)
+		}
+	}
+	return false
+}
+
+// describe names a process for a failure message: its stat line and command.
+func describe(pid int) string {
+	stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return fmt.Sprintf("%d [%s] %q", pid, strings.TrimSpace(string(stat)), strings.ReplaceAll(string(cmd), "\x00", " "))
+}
+
+// procs returns the processes in /proc for which keep returns true, in
+// directory order.
+func procs(keep func(procStat) bool) []procStat {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
-	var out []int
+	var out []procStat
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		st, ok := readStat(pid)
-		if ok && st.pgrp == pgid && st.state != 'Z' && st.state != 'X' {
-			out = append(out, pid)
+		if st, ok := readStat(pid); ok && keep(st) && isProcess(pid) {
+			out = append(out, st)
 		}
+	}
+	return out
+}
+
+// groupProcs returns the live (non-zombie) processes of process group pgid.
+func groupProcs(pgid int) []int {
+	var out []int
+	for _, st := range procs(func(st procStat) bool { return st.pgrp == pgid && st.state != 'Z' && st.state != 'X' }) {
+		out = append(out, st.pid)
 	}
 	return out
 }
@@ -480,9 +512,21 @@ func serverConns(port int) int {
 // ---------------------------------------------------------------------------
 // The server under test.
 
+// serverOpts configure startServer. The zero value runs
+// DIR/handoff serve --listen 127.0.0.1:0 with the test's environment.
 type serverOpts struct {
-	upgradeTimeout string // default 3s
-	drainTimeout   string // default 10s
+	dir            string   // where the live binary, PID file and control socket go; default tb.TempDir()
+	listen         string   // default 127.0.0.1:0
+	upgradeTimeout string   // default 3s
+	drainTimeout   string   // default 10s
+	args           []string // more serve flags
+	extraFiles     []*os.File
+	wrap           []string // run wrap... LIVE serve ...; the wrapper must exec (keep the PID)
+	// cleanEnv runs the server with ctlEnv(env): the test's environment
+	// without systemd's variables (NOTIFY_SOCKET, LISTEN_*), plus env.
+	// Without it the server inherits the test's environment as is.
+	cleanEnv bool
+	env      []string
 }
 
 type server struct {
@@ -501,12 +545,19 @@ type server struct {
 	version string // version of the current generation
 }
 
-// startServer copies handoff-v1 to DIR/handoff and starts
-// DIR/handoff serve --listen 127.0.0.1:0 --pidfile DIR/handoff.pid --log-format json ...
+// startServer copies handoff-v1 to DIR/handoff and runs [wrap...]
+// DIR/handoff serve --listen L --pidfile DIR/handoff.pid --log-format json ...
 // in its own process group; it returns once the first generation serves.
-// Cleanup kills the whole group and waits for it.
+// Cleanup kills the whole group and waits for it, and dumps the server's
+// output when the test failed.
 func startServer(tb testing.TB, o serverOpts) *server {
 	tb.Helper()
+	if o.dir == "" {
+		o.dir = tb.TempDir()
+	}
+	if o.listen == "" {
+		o.listen = "127.0.0.1:0"
+	}
 	if o.upgradeTimeout == "" {
 		o.upgradeTimeout = "3s"
 	}
@@ -514,61 +565,31 @@ func startServer(tb testing.TB, o serverOpts) *server {
 		o.drainTimeout = "10s"
 	}
 	b := bins(tb)
-	dir := tb.TempDir()
 	s := &server{
 		tb:      tb,
 		bins:    b,
-		dir:     dir,
-		live:    filepath.Join(dir, "handoff"),
-		pidfile: filepath.Join(dir, "handoff.pid"),
-		logs:    newLogStore(2),
-		exited:  make(chan struct{}),
+		dir:     o.dir,
+		live:    filepath.Join(o.dir, "handoff"),
+		pidfile: filepath.Join(o.dir, "handoff.pid"),
 		version: "v1",
 	}
 	copyFile(tb, filepath.Join(b, "handoff-v1"), s.live, 0o755)
 
-	// Our own pipes (not cmd.StderrPipe): every generation inherits the
-	// write ends, and reading must go on after the first process exits.
-	rOut, wOut, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	rErr, wErr, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	s.cmd = exec.Command(s.live, "serve",
-		"--listen", "127.0.0.1:0",
+	args := append([]string{s.live, "serve",
+		"--listen", o.listen,
 		"--pidfile", s.pidfile,
 		"--log-format", "json",
 		"--upgrade-timeout", o.upgradeTimeout,
-		"--drain-timeout", o.drainTimeout)
-	s.cmd.Dir = dir
-	s.cmd.Stdout = wOut
-	s.cmd.Stderr = wErr
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-
-	// Registered first so that it runs last, after the group was killed.
-	tb.Cleanup(func() {
-		if tb.Failed() {
-			tb.Logf("server output (%s):\n%s", s.dir, s.logs.tail(400))
-		}
-	})
-	err = s.cmd.Start()
-	wOut.Close()
-	wErr.Close()
-	if err != nil {
-		rOut.Close()
-		rErr.Close()
-		tb.Fatalf("start %s: %v", s.live, err)
+		"--drain-timeout", o.drainTimeout}, o.args...)
+	args = append(append([]string(nil), o.wrap...), args...)
+	s.cmd = exec.Command(args[0], args[1:]...)
+	s.cmd.Dir = o.dir
+	if o.cleanEnv {
+		s.cmd.Env = ctlEnv(o.env)
 	}
+	s.cmd.ExtraFiles = o.extraFiles
+	s.logs, s.exited = startPiped(tb, s.cmd, fmt.Sprintf("server output (%s)", s.dir), 400)
 	s.pgid = s.cmd.Process.Pid
-	go s.logs.consume(rOut, "stdout")
-	go s.logs.consume(rErr, "stderr")
-	go func() {
-		_ = s.cmd.Wait() // reaps the first generation; its status is in cmd.ProcessState
-		close(s.exited)
-	}()
 	tb.Cleanup(s.kill)
 
 	first := s.cmd.Process.Pid
@@ -600,15 +621,7 @@ func startServer(tb testing.TB, o serverOpts) *server {
 // kill SIGKILLs the whole process group and waits until nothing of it is left.
 func (s *server) kill() {
 	_ = syscall.Kill(-s.pgid, syscall.SIGKILL)
-	if !waitChan(s.exited, 10*time.Second) {
-		s.tb.Errorf("first server process %d not reaped 10s after SIGKILL", s.pgid)
-	}
-	if !poll(10*time.Second, func() bool { return len(groupProcs(s.pgid)) == 0 }) {
-		s.tb.Errorf("processes of group %d still alive 10s after SIGKILL: %v", s.pgid, groupProcs(s.pgid))
-	}
-	if !waitChan(s.logs.done, 10*time.Second) {
-		s.tb.Errorf("server output pipes not closed 10s after SIGKILL of group %d", s.pgid)
-	}
+	waitGroupGone(s.tb, s.pgid, s.exited, s.logs, "first server process")
 }
 
 // exitCode returns the first generation's exit code once it has exited, or
@@ -732,6 +745,66 @@ func copyFile(tb testing.TB, src, dst string, mode os.FileMode) {
 	}
 }
 
+// startPiped starts cmd in its own process group, its stdout and stderr
+// going to pipes of our own (not cmd.StdoutPipe: every process it starts
+// inherits the write ends, and reading must go on after cmd exits) that a
+// new logStore reads until every writer has exited. exited is closed once
+// cmd was reaped (its status is then in cmd.ProcessState). The cleanup it
+// registers first, so that it runs last, after the group was killed, logs
+// the last tail lines of output under title when the test failed. A failed
+// start fails the test.
+func startPiped(tb testing.TB, cmd *exec.Cmd, title string, tail int) (logs *logStore, exited chan struct{}) {
+	tb.Helper()
+	rOut, wOut, err := os.Pipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	rErr, wErr, err := os.Pipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Stdout = wOut
+	cmd.Stderr = wErr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	logs, exited = newLogStore(2), make(chan struct{})
+	tb.Cleanup(func() {
+		if tb.Failed() {
+			tb.Logf("%s:\n%s", title, logs.tail(tail))
+		}
+	})
+	err = cmd.Start()
+	wOut.Close()
+	wErr.Close()
+	if err != nil {
+		rOut.Close()
+		rErr.Close()
+		tb.Fatalf("start %v: %v", cmd.Args, err)
+	}
+	go logs.consume(rOut, "stdout")
+	go logs.consume(rErr, "stderr")
+	go func() {
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	return logs, exited
+}
+
+// waitGroupGone waits, once process group pgid was SIGKILLed, for its leader
+// who (reaped when exited is closed), every process of the group and the
+// writers of logs to be gone, 10s each.
+func waitGroupGone(tb testing.TB, pgid int, exited <-chan struct{}, logs *logStore, who string) {
+	tb.Helper()
+	if !waitChan(exited, 10*time.Second) {
+		tb.Errorf("%s %d not reaped 10s after SIGKILL", who, pgid)
+	}
+	if !poll(10*time.Second, func() bool { return len(groupProcs(pgid)) == 0 }) {
+		tb.Errorf("processes of group %d still alive 10s after SIGKILL: %v", pgid, groupProcs(pgid))
+	}
+	if !waitChan(logs.done, 10*time.Second) {
+		tb.Errorf("output pipes of group %d not closed 10s after SIGKILL", pgid)
+	}
+}
+
 // ---------------------------------------------------------------------------
 // HTTP.
 
@@ -840,7 +913,8 @@ type loadProc struct {
 }
 
 // startLoad runs DIR/handoff-v1 load --target addr --rate rate --duration 120s
-// --json plus extra, in its own process group.
+// --json plus extra, in its own process group, and returns once it holds
+// connections to the server at addr (waitFlowing).
 func startLoad(tb testing.TB, binDir, addr string, rate int, extra ...string) *loadProc {
 	tb.Helper()
 	args := append([]string{"load", "--target", addr, "--rate", strconv.Itoa(rate), "--duration", "120s", "--json"}, extra...)
@@ -865,6 +939,12 @@ func startLoad(tb testing.TB, binDir, addr string, rate int, extra ...string) *l
 			tb.Errorf("load tool %d not reaped 10s after SIGKILL", pid)
 		}
 	})
+	_, portStr, err := net.SplitHostPort(addr)
+	port, _ := strconv.Atoi(portStr)
+	if err != nil || port == 0 {
+		tb.Fatalf("load target %q has no port", addr)
+	}
+	l.waitFlowing(port)
 	return l
 }
 
@@ -875,6 +955,22 @@ func (l *loadProc) waitFlowing(port int) {
 	eventually(l.tb, 10*time.Second, func() bool { return serverConns(port) > 0 },
 		"load tool connections to port %d", port)
 	l.started = time.Now()
+}
+
+// waitSlowThenSettled is the end of a queued upgrade p1 -> p2 -> p3: slow, a
+// request that p1 was serving, must complete (15s) with 200 from p1; then p2
+// must exit (15s), leaving p3 the only process, holding the listener.
+func (s *server) waitSlowThenSettled(t *testing.T, slow *inflight, p1, p2, p3 int) {
+	t.Helper()
+	if !waitChan(slow.done, 15*time.Second) {
+		t.Fatalf("slow request did not complete")
+	}
+	if slow.err != nil || slow.resp.status != 200 || slow.resp.pid != p1 {
+		t.Errorf("slow request: %v, want 200 from pid %d", slow, p1)
+	}
+	s.waitGone(p2, 15*time.Second)
+	s.checkOneProcess(t, p3)
+	s.checkListener(t, p3)
 }
 
 // stop sends SIGINT, waits (bounded) for the load tool to exit and decodes
@@ -928,23 +1024,43 @@ func pidStat(res *loadgen.Result, pid int) (loadgen.PIDStat, bool) {
 // ---------------------------------------------------------------------------
 // Sampling the process group.
 
-// groupSampler counts the live processes of a group every few milliseconds.
-type groupSampler struct {
+// maxSampler records the largest set of processes that sample returned,
+// calling it every few milliseconds until stop.
+type maxSampler[P any] struct {
 	stopC   chan struct{}
 	done    chan struct{}
 	max     int
-	maxSeen []int
+	maxSeen []P
 	samples int
 }
 
-func startGroupSampler(pgid int, every time.Duration) *groupSampler {
-	g := &groupSampler{stopC: make(chan struct{}), done: make(chan struct{})}
+// steady keeps the processes of a sample that were also in the previous one
+// (prev, keyed by PID) and returns the next prev. A process counts only once it
+// has lived across two samples: Go's runtime clones a child that exits at once
+// (os.checkPidfd's probe, at a process's first StartProcess), which a single
+// sample may catch.
+func steady[P any](prev map[int]bool, ps []P, pid func(P) int) ([]P, map[int]bool) {
+	var out []P
+	next := make(map[int]bool, len(ps))
+	for _, p := range ps {
+		next[pid(p)] = true
+		if prev[pid(p)] {
+			out = append(out, p)
+		}
+	}
+	return out, next
+}
+
+func startMaxSampler[P any](every time.Duration, sample func() []P, pid func(P) int) *maxSampler[P] {
+	g := &maxSampler[P]{stopC: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(g.done)
 		tick := time.NewTicker(every)
 		defer tick.Stop()
+		var prev map[int]bool
 		for {
-			ps := groupProcs(pgid)
+			var ps []P
+			ps, prev = steady(prev, sample(), pid)
 			g.samples++
 			if len(ps) > g.max {
 				g.max, g.maxSeen = len(ps), ps
@@ -959,9 +1075,19 @@ func startGroupSampler(pgid int, every time.Duration) *groupSampler {
 	return g
 }
 
-func (g *groupSampler) stop() {
-	close(g.stopC)
+// stop ends the sampling and waits for it; it may be called again.
+func (g *maxSampler[P]) stop() {
+	select {
+	case <-g.stopC:
+	default:
+		close(g.stopC)
+	}
 	<-g.done
+}
+
+// startGroupSampler counts the live processes of group pgid.
+func startGroupSampler(pgid int, every time.Duration) *maxSampler[int] {
+	return startMaxSampler(every, func() []int { return groupProcs(pgid) }, func(p int) int { return p })
 }
 
 // ---------------------------------------------------------------------------

@@ -54,7 +54,6 @@ func TestUpgradesUnderLoad(t *testing.T) {
 	s := startServer(t, serverOpts{})
 	first := s.pid()
 	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
-	load.waitFlowing(s.port)
 
 	type gen struct {
 		pid        int
@@ -183,7 +182,6 @@ func TestBrokenBinariesUnderLoad(t *testing.T) {
 	s := startServer(t, serverOpts{upgradeTimeout: "2s"})
 	pid := s.pid()
 	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
-	load.waitFlowing(s.port)
 
 	// One after the other in this goroutine (not subtests: the server's
 	// helpers fail the test that started it).
@@ -255,7 +253,6 @@ func TestHUPBurstUnderLoad(t *testing.T) {
 	s := startServer(t, serverOpts{})
 	first := s.pid()
 	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
-	load.waitFlowing(s.port)
 	sampler := startGroupSampler(s.pgid, 3*time.Millisecond)
 	defer func() {
 		select {
@@ -363,6 +360,7 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 
 	// Wait for the third generation; it must never appear while p1 lives.
 	var p3 int
+	var prev map[int]bool
 	eventually(t, 20*time.Second, func() bool {
 		p1Alive := alive(p1)
 		p, err := s.readPID()
@@ -373,8 +371,14 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 			p3 = p
 			return true
 		}
-		if ps := s.procs(); len(ps) > 2 {
-			t.Errorf("%d live processes %v while an upgrade is queued", len(ps), ps)
+		var ps []int
+		ps, prev = steady(prev, s.procs(), func(p int) int { return p })
+		if len(ps) > 2 {
+			var what []string
+			for _, p := range ps {
+				what = append(what, describe(p))
+			}
+			t.Errorf("%d live processes while an upgrade is queued:\n%s", len(ps), strings.Join(what, "\n"))
 		}
 		return false
 	}, "the queued upgrade to produce a third generation")
@@ -402,15 +406,7 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 		t.Errorf("pid %d logged upgrade succeeded (line %d) before pid %d logged exiting (line %d)", p2, succIdx[0], p1, exitIdx[0])
 	}
 
-	if !waitChan(slow.done, 15*time.Second) {
-		t.Fatalf("slow request did not complete")
-	}
-	if slow.err != nil || slow.resp.status != 200 || slow.resp.pid != p1 {
-		t.Errorf("slow request: %v, want 200 from pid %d", slow, p1)
-	}
-	s.waitGone(p2, 15*time.Second)
-	s.checkOneProcess(t, p3)
-	s.checkListener(t, p3)
+	s.waitSlowThenSettled(t, slow, p1, p2, p3)
 }
 
 // f. SIGTERM: graceful drain, exit 0, PID file removed; the drain timeout

@@ -103,20 +103,10 @@ func startHrun(tb testing.TB, o hrunOpts) *hrun {
 		dir:     dir,
 		app:     filepath.Join(dir, name),
 		pidfile: filepath.Join(dir, "run.pid"),
-		logs:    newLogStore(2),
-		exited:  make(chan struct{}),
 	}
 	h.control = h.pidfile + ".sock"
 	copyFile(tb, src, h.app, 0o644)
 
-	rOut, wOut, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	rErr, wErr, err := os.Pipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
 	h.cmd = exec.Command(filepath.Join(b, "handoff-v1"), "run",
 		"--listen", "127.0.0.1:0",
 		"--pidfile", h.pidfile,
@@ -125,31 +115,8 @@ func startHrun(tb testing.TB, o hrunOpts) *hrun {
 		"--ready-timeout", o.readyTimeout,
 		"--", interp, h.app)
 	h.cmd.Dir = dir
-	h.cmd.Stdout = wOut
-	h.cmd.Stderr = wErr
-	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-
-	// Registered first so that it runs last, after everything was killed.
-	tb.Cleanup(func() {
-		if tb.Failed() {
-			tb.Logf("handoff run output (%s):\n%s", h.dir, h.logs.tail(400))
-		}
-	})
-	err = h.cmd.Start()
-	wOut.Close()
-	wErr.Close()
-	if err != nil {
-		rOut.Close()
-		rErr.Close()
-		tb.Fatalf("start handoff run: %v", err)
-	}
+	h.logs, h.exited = startPiped(tb, h.cmd, fmt.Sprintf("handoff run output (%s)", h.dir), 400)
 	h.pid = h.cmd.Process.Pid
-	go h.logs.consume(rOut, "stdout")
-	go h.logs.consume(rErr, "stderr")
-	go func() {
-		_ = h.cmd.Wait()
-		close(h.exited)
-	}()
 	tb.Cleanup(h.kill)
 
 	h.logs.waitLog(tb, 0, "listening", nil, 15*time.Second) // it has no pid field
@@ -185,11 +152,10 @@ func hrunListenPort(pid int) int {
 	return 0
 }
 
-// waitFor is eventually, except that it fails at once if handoff exited.
-func (h *hrun) waitFor(timeout time.Duration, cond func() bool, format string, args ...any) {
-	h.tb.Helper()
-	exited := false
-	ok := poll(timeout, func() bool {
+// pollRunning is poll, except that it stops at once if handoff exits:
+// exited then says so (and ok is true, as cond was not asked).
+func (h *hrun) pollRunning(timeout time.Duration, cond func() bool) (ok, exited bool) {
+	ok = poll(timeout, func() bool {
 		select {
 		case <-h.exited:
 			exited = true
@@ -198,6 +164,13 @@ func (h *hrun) waitFor(timeout time.Duration, cond func() bool, format string, a
 		}
 		return cond()
 	})
+	return ok, exited
+}
+
+// waitFor is eventually, except that it fails at once if handoff exited.
+func (h *hrun) waitFor(timeout time.Duration, cond func() bool, format string, args ...any) {
+	h.tb.Helper()
+	ok, exited := h.pollRunning(timeout, cond)
 	switch {
 	case exited:
 		h.tb.Fatalf("handoff run exited (%v) while waiting for: %s", h.cmd.ProcessState, fmt.Sprintf(format, args...))
@@ -244,22 +217,10 @@ func (p hrunProc) String() string {
 
 // hrunKids returns every process whose parent is ppid, zombies included.
 func hrunKids(ppid int) []hrunProc {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
 	var out []hrunProc
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		st, ok := readStat(pid)
-		if !ok || st.ppid != ppid {
-			continue
-		}
-		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		out = append(out, hrunProc{pid: pid, pgrp: st.pgrp, state: st.state, comm: strings.TrimSpace(string(comm))})
+	for _, st := range procs(func(st procStat) bool { return st.ppid == ppid }) {
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", st.pid))
+		out = append(out, hrunProc{pid: st.pid, pgrp: st.pgrp, state: st.state, comm: strings.TrimSpace(string(comm))})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].pid < out[j].pid })
 	return out
@@ -337,15 +298,7 @@ func (h *hrun) kill() {
 		}
 		_ = syscall.Kill(-h.pid, syscall.SIGKILL)
 	}
-	if !waitChan(h.exited, 10*time.Second) {
-		tb.Errorf("handoff run %d not reaped 10s after SIGKILL", h.pid)
-	}
-	if !poll(10*time.Second, func() bool { return len(groupProcs(h.pid)) == 0 }) {
-		tb.Errorf("processes of handoff's group %d still alive 10s after SIGKILL: %v", h.pid, groupProcs(h.pid))
-	}
-	if !waitChan(h.logs.done, 10*time.Second) {
-		tb.Errorf("handoff run output pipes not closed 10s after it was killed")
-	}
+	waitGroupGone(tb, h.pid, h.exited, h.logs, "handoff run")
 	var left []int
 	for _, pid := range h.loggedChildren() {
 		if h.ours(pid) {
@@ -466,14 +419,7 @@ func (h *hrun) waitHealthz(pid int, timeout time.Duration) {
 	h.tb.Helper()
 	streak := 0
 	last := "none"
-	exited := false
-	ok := poll(timeout, func() bool {
-		select {
-		case <-h.exited:
-			exited = true
-			return true
-		default:
-		}
+	ok, exited := h.pollRunning(timeout, func() bool {
 		r, err := get(h.addr, "/healthz")
 		if err != nil {
 			last, streak = err.Error(), 0
@@ -548,48 +494,18 @@ func (h *hrun) checkDrained(t testing.TB, replaced []int) {
 	}
 }
 
-// hrunKidSampler records the most children handoff had at once.
-type hrunKidSampler struct {
-	stopC, done chan struct{}
-	max         int
-	maxSeen     []hrunProc
-	samples     int
-}
-
-func startHrunKidSampler(ppid int, every time.Duration) *hrunKidSampler {
-	g := &hrunKidSampler{stopC: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(g.done)
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			var live []hrunProc
-			for _, k := range hrunKids(ppid) {
-				if k.state != 'Z' {
-					live = append(live, k)
-				}
-			}
-			g.samples++
-			if len(live) > g.max {
-				g.max, g.maxSeen = len(live), live
-			}
-			select {
-			case <-g.stopC:
-				return
-			case <-tick.C:
+// startHrunKidSampler records the most live (non-zombie) children handoff
+// ppid had at once.
+func startHrunKidSampler(ppid int, every time.Duration) *maxSampler[hrunProc] {
+	return startMaxSampler(every, func() []hrunProc {
+		var live []hrunProc
+		for _, k := range hrunKids(ppid) {
+			if k.state != 'Z' {
+				live = append(live, k)
 			}
 		}
-	}()
-	return g
-}
-
-func (g *hrunKidSampler) stop() {
-	select {
-	case <-g.stopC:
-	default:
-		close(g.stopC)
-	}
-	<-g.done
+		return live
+	}, func(k hrunProc) int { return k.pid })
 }
 
 // writeApp renames a new script over the one the children run.
@@ -614,7 +530,6 @@ func TestRunNodeUpgradesUnderLoad(t *testing.T) {
 	h := startHrun(t, hrunOpts{})
 	first := h.servingChild()
 	load := startLoad(t, h.bins, h.addr, loadRate, loadArgs()...)
-	load.waitFlowing(h.port)
 	sampler := startHrunKidSampler(h.pid, 3*time.Millisecond)
 	defer sampler.stop()
 
@@ -673,7 +588,6 @@ func TestRunBrokenChildren(t *testing.T) {
 	}
 	cur := h.servingChild()
 	load := startLoad(t, h.bins, h.addr, 200, "--conns", "4", "--new-conn-fraction", "0.5")
-	load.waitFlowing(h.port)
 
 	const exitMarker = "hrun-test-marker: exiting 1 at start"
 	const hangMarker = "hrun-test-marker: never ready"
@@ -843,7 +757,6 @@ func TestRunPython(t *testing.T) {
 	h := startHrun(t, hrunOpts{app: "python"})
 	first := h.servingChild()
 	load := startLoad(t, h.bins, h.addr, 200, "--conns", "4", "--new-conn-fraction", "0.5")
-	load.waitFlowing(h.port)
 	children := []int{first}
 	for i := 1; i <= 3; i++ {
 		mark := h.logs.mark()

@@ -15,6 +15,7 @@ package main_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -786,4 +787,93 @@ func TestRunPython(t *testing.T) {
 	h.waitOnlyChild(last, "python3", 15*time.Second)
 	h.checkHandoff(t)
 	h.checkDrained(t, children[:len(children)-1])
+}
+
+// TestRunAsPID1 runs handoff run as PID 1 of a PID namespace, as a container
+// entrypoint: orphans of its children are reaped (no zombies pile up), it lives
+// across an upgrade, and SIGTERM stops it with status 0.
+func TestRunAsPID1(t *testing.T) {
+	b := bins(t)
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("skipped: no unshare command to run handoff as PID 1 of a PID namespace")
+	}
+	if code, _, errOut := hrunCommand(t, 15*time.Second, unshare, "--pid", "--fork", "--mount-proc", "true"); code != 0 {
+		t.Skipf("skipped: unshare --pid --fork does not work here (needs root or user namespaces): %s", errOut)
+	}
+	dir := t.TempDir()
+	pidfile := filepath.Join(dir, "run.pid")
+	// Each start leaves five orphans (their shell exits at once), which become
+	// PID 1's to reap.
+	child := `for i in 1 2 3 4 5; do sh -c 'sleep 0.05 &'; done
+trap 'exit 0' TERM
+eval "echo READY=1 >&$HANDOFF_READY_FD"
+while :; do sleep 600 & wait $!; done`
+	cmd := exec.Command(unshare, "--pid", "--fork", filepath.Join(b, "handoff-v1"), "run",
+		"--listen", "127.0.0.1:0", "--pidfile", pidfile, "--log-format", "json", "--ready-timeout", "10s",
+		"--", "/bin/sh", "-c", child)
+	cmd.Dir = dir
+	logs, exited := startPiped(t, cmd, "handoff run as PID 1", 100)
+	pgid := cmd.Process.Pid
+	t.Cleanup(func() {
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		waitGroupGone(t, pgid, exited, logs, "unshare")
+	})
+
+	logs.waitLog(t, 0, "", func(l logLine) bool { return strings.Contains(l.msg(), "running as PID 1") }, 15*time.Second)
+	logs.waitLog(t, 0, "ready", nil, 15*time.Second)
+	// handoff's PID outside the namespace: the child of unshare.
+	var handoff int
+	eventually(t, 10*time.Second, func() bool {
+		ps := procs(func(st procStat) bool { return st.ppid == pgid })
+		if len(ps) == 1 {
+			handoff = ps[0].pid
+		}
+		return handoff != 0
+	}, "handoff's process under unshare")
+
+	noZombies := func(when string) {
+		t.Helper()
+		if !poll(10*time.Second, func() bool {
+			return len(procs(func(st procStat) bool { return st.ppid == handoff && st.state == 'Z' })) == 0
+		}) {
+			t.Errorf("%s: zombies left under handoff (PID 1): %v", when, procs(func(st procStat) bool { return st.ppid == handoff && st.state == 'Z' }))
+		}
+	}
+	noZombies("after the first start")
+
+	code, out, errOut := hrunCLI(t, b, 60*time.Second, "upgrade", "--pidfile", pidfile, "--wait")
+	if code != 0 {
+		t.Fatalf("upgrade of handoff run as PID 1: exit %d\n%s%s", code, out, errOut)
+	}
+	noZombies("after an upgrade")
+	if !alive(handoff) {
+		t.Fatalf("handoff (PID 1) exited across the upgrade: the container would have ended")
+	}
+
+	if err := syscall.Kill(handoff, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !waitChan(exited, 20*time.Second) {
+		t.Fatalf("handoff run as PID 1 did not exit after SIGTERM")
+	}
+	if c := cmd.ProcessState.ExitCode(); c != 0 {
+		t.Errorf("exit status %d after SIGTERM, want 0", c)
+	}
+}
+
+// hrunCommand runs a command to its end, bounded by timeout.
+func hrunCommand(tb testing.TB, timeout time.Duration, name string, args ...string) (code int, stdout, stderr string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var out, errb bytes.Buffer
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	err := cmd.Run()
+	if err != nil && cmd.ProcessState == nil {
+		return -1, out.String(), errb.String() + err.Error()
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
 }

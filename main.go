@@ -74,6 +74,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	switch args[0] {
+	case "serve", "run":
+		// Until the signal handlers are in place, a SIGHUP (a reload sent too
+		// early) must not kill the process, as its default action would.
+		signal.Ignore(syscall.SIGHUP)
+	}
+	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
 	case "load":

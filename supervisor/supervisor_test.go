@@ -66,15 +66,22 @@ type harness struct {
 
 func start(t *testing.T, ready time.Duration, command ...string) *harness {
 	t.Helper()
+	return startWith(t, Options{Command: command, ReadyTimeout: ready, DrainTimeout: 5 * time.Second})
+}
+
+// startWith runs a Supervisor with opts (childScript when no Command, the shell
+// shim, output captured) until it serves; cleanup stops it, bounded.
+func startWith(t *testing.T, opts Options) *harness {
+	t.Helper()
 	dir := t.TempDir()
 	t.Setenv("DIR", dir)
-	if command == nil {
-		command = []string{"/bin/sh", "-c", childScript}
+	if opts.Command == nil {
+		opts.Command = []string{"/bin/sh", "-c", childScript}
 	}
 	h := &harness{t: t, dir: dir, stdout: &syncBuffer{}, done: make(chan error, 1)}
+	opts.Shim, opts.Stdout, opts.Stderr = shellShim, h.stdout, h.stdout
 	var err error
-	h.sup, err = New(Options{Command: command, Shim: shellShim, ReadyTimeout: ready,
-		DrainTimeout: 5 * time.Second, Stdout: h.stdout, Stderr: h.stdout})
+	h.sup, err = New(opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
@@ -251,18 +258,9 @@ func TestNewRejectsMissingCommand(t *testing.T) {
 }
 
 func TestReadyDelayForProgramsThatCannotNotify(t *testing.T) {
-	sup, err := New(Options{Command: []string{"/bin/sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait $!"},
-		Shim: shellShim, ReadyDelay: 50 * time.Millisecond, Stdout: &syncBuffer{}, Stderr: &syncBuffer{}})
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- sup.Run(ctx) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
-	require.Eventually(t, func() bool { return sup.Status().Phase == "serving" }, 10*time.Second, 5*time.Millisecond,
-		"a child that never notifies counts as ready after the delay")
+	// startWith waits for "serving": the child never notifies, so only the delay gets it there.
+	startWith(t, Options{Command: []string{"/bin/sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait $!"},
+		ReadyDelay: 50 * time.Millisecond})
 }
 
 // As a subreaper (or PID 1), the reaper reaps orphans of the children's trees:
@@ -295,21 +293,18 @@ func TestReaperReapsOrphans(t *testing.T) {
 }
 
 func TestForceKillsAChildThatIgnoresItsStopSignal(t *testing.T) {
-	sup, err := New(Options{Command: []string{"/bin/sh", "-c", `trap '' TERM; eval "echo READY=1 >&$HANDOFF_READY_FD"; sleep 600 & wait $!; sleep 600`},
-		Shim: shellShim, DrainTimeout: time.Hour, Stdout: &syncBuffer{}, Stderr: &syncBuffer{}})
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- sup.Run(ctx) }()
-	require.Eventually(t, func() bool { return sup.Status().Phase == "serving" }, 10*time.Second, 5*time.Millisecond)
-	cancel() // SIGTERM, which the child ignores; the drain timeout is an hour
-	sup.Force()
+	h := startWith(t, Options{Command: []string{"/bin/sh", "-c",
+		`trap '' TERM; eval "echo READY=1 >&$HANDOFF_READY_FD"; sleep 600 & wait $!; sleep 600`},
+		DrainTimeout: time.Hour})
+	h.cancel() // SIGTERM, which the child ignores; the drain timeout is an hour
+	h.sup.Force()
 	select {
-	case err := <-done:
+	case err := <-h.done:
 		assert.ErrorIs(t, err, ErrChildFailed, "a child killed by force did not stop cleanly")
 	case <-time.After(10 * time.Second):
 		t.Fatal("Force did not end the stop")
 	}
+	h.done <- nil // for the cleanup
 }
 
 func TestSignalIsForwardedToTheServingChild(t *testing.T) {

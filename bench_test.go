@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/handoff-dev/handoff/loadgen"
+	"github.com/handoff-dev/handoff/internal/loadgen"
 )
 
 func BenchmarkUpgradeUnderLoad(b *testing.B) {

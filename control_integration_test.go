@@ -28,7 +28,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/handoff-dev/handoff/internal/control"
 )
 
 // ctlCLITimeout bounds every handoff upgrade/status run (exec.CommandContext).
@@ -173,13 +173,13 @@ func ctlUpgrade(tb testing.TB, s *server, extra ...string) ctlResult {
 }
 
 // ctlStatus runs handoff status --pidfile F --json; it must exit 0.
-func ctlStatus(tb testing.TB, s *server) upgrader.Status {
+func ctlStatus(tb testing.TB, s *server) control.Status {
 	tb.Helper()
 	r := ctlCLI(tb, "status", "--pidfile", s.pidfile, "--json")
 	if r.code != 0 {
 		tb.Fatalf("handoff status: %v", r)
 	}
-	var st upgrader.Status
+	var st control.Status
 	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
 		tb.Fatalf("handoff status --json: %v\n%v", err, r)
 	}
@@ -188,9 +188,9 @@ func ctlStatus(tb testing.TB, s *server) upgrader.Status {
 
 // ctlStatusOf polls handoff status until pid answers: right after a handoff
 // the old generation may still answer one last request on the shared socket.
-func ctlStatusOf(tb testing.TB, s *server, pid int) upgrader.Status {
+func ctlStatusOf(tb testing.TB, s *server, pid int) control.Status {
 	tb.Helper()
-	var st upgrader.Status
+	var st control.Status
 	eventually(tb, 10*time.Second, func() bool { st = ctlStatus(tb, s); return st.PID == pid },
 		"handoff status to be answered by pid %d (last answer from %d)", pid, st.PID)
 	return st
@@ -424,7 +424,7 @@ func TestUpgradeVerdict(t *testing.T) {
 			ctlNoLog(t, s, mark, "starting new generation", nil, c.name+": nothing may be forked for a binary that cannot run")
 		}
 		st := ctlStatusOf(t, s, p2)
-		if st.Phase != "serving" || st.LastUpgrade == nil || st.LastUpgrade.OK || st.LastUpgrade.Kind != c.kind ||
+		if st.Phase != "serving" || st.LastUpgrade == nil || st.LastUpgrade.OK || string(st.LastUpgrade.Kind) != c.kind ||
 			(newPID != 0 && st.LastUpgrade.PID != newPID) {
 			t.Errorf("%s: status after the failure: %s, want phase serving, last_upgrade ok=false kind=%s pid=%d",
 				c.name, ctlJSON(st), c.kind, newPID)
@@ -460,7 +460,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	if st.Phase != "serving" || st.Generation != 1 || st.Version != "v1" || st.PreviousPID != 0 || st.LastUpgrade != nil {
 		t.Errorf("status of a fresh server: %s, want phase serving, generation 1, v1, no previous_pid or last_upgrade", ctlJSON(st))
 	}
-	if len(st.Listeners) != 1 || st.Listeners[0] != (upgrader.ListenerInfo{Network: "tcp", Addr: s.addr}) {
+	if len(st.Listeners) != 1 || st.Listeners[0] != (control.ListenerInfo{Network: "tcp", Addr: s.addr}) {
 		t.Errorf("status listeners %+v, want [{tcp %s}]", st.Listeners, s.addr)
 	}
 
@@ -485,7 +485,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 		t.Errorf("upgrade without --wait during the drain: exit %d, want 7 (busy) with \"upgrade failed: previous generation still draining\" and \"pid %d keeps serving; try again later, or use --wait\"\n%v", r.code, p2, r)
 	}
 	r = ctlUpgrade(t, s, "--json")
-	var ans upgrader.Answer
+	var ans control.Answer
 	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 7 || ans.OK || ans.Kind != "draining" || ans.PID != p2 {
 		t.Errorf("upgrade --json during the drain: exit %d, answer %s (%v), want exit 7, ok=false, kind draining, pid %d\n%v", r.code, ctlJSON(ans), err, p2, r)
 	}
@@ -583,7 +583,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 		t.Errorf("status during a hanging upgrade: %s, want phase upgrading, generation 3", ctlJSON(st))
 	}
 	r = ctlUpgrade(t, s, "--json")
-	ans = upgrader.Answer{}
+	ans = control.Answer{}
 	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil || r.code != 7 || ans.OK || ans.Kind != "in-progress" {
 		t.Errorf("upgrade --json during a running upgrade: exit %d, answer %s (%v), want exit 7 (busy), kind in-progress\n%v", r.code, ctlJSON(ans), err, r)
 	}
@@ -1017,7 +1017,7 @@ func TestPreflight(t *testing.T) {
 	mark := s.logs.mark()
 	s.deployFile(filepath.Join(s.bins, "exit1"), 0o755)
 	r := ctlUpgrade(t, s, "--json")
-	var ans upgrader.Answer
+	var ans control.Answer
 	if err := json.Unmarshal([]byte(r.stdout), &ans); err != nil {
 		t.Fatalf("upgrade --json: %v\n%v", err, r)
 	}

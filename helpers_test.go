@@ -26,7 +26,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/handoff-dev/handoff/loadgen"
+	"github.com/handoff-dev/handoff/internal/loadgen"
 )
 
 // versions are the good builds; upgrades cycle through them so that every

@@ -26,9 +26,12 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/handoff-dev/handoff/loadgen"
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/loadgen"
+	"github.com/handoff-dev/handoff/internal/pidfile"
+	"github.com/handoff-dev/handoff/internal/sockaddr"
+	"github.com/handoff-dev/handoff/internal/supervisor"
 	"github.com/handoff-dev/handoff/server"
-	"github.com/handoff-dev/handoff/supervisor"
 	"github.com/handoff-dev/handoff/upgrader"
 )
 
@@ -117,7 +120,7 @@ func serve(args []string, stderr io.Writer) int {
 	upgradeTimeout := fs.Duration("upgrade-timeout", upgrader.DefaultUpgradeTimeout, "how long a new process has to become ready")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long the old process may take to finish its requests")
 	logFormat := fs.String("log-format", "text", "text or json")
-	control := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
+	controlPath := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
 	preflight := fs.Bool("preflight", false, "before an upgrade, run the new binary with these flags and --check; a failure stops the upgrade")
 	check := fs.Bool("check", false, "check the flags and what they name, print the verdict and exit (0 when fine)")
 	if err := fs.Parse(args); err != nil {
@@ -139,15 +142,15 @@ func serve(args []string, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{"127.0.0.1:8080"}
 	}
-	if *control == "" && *pidFile != "" {
-		*control = *pidFile + ".sock"
+	if *controlPath == "" && *pidFile != "" {
+		*controlPath = *pidFile + ".sock"
 	}
 	srv := &server.Server{Handler: newMux()}
 	opts := upgrader.Options{
 		PIDFile:        *pidFile,
 		UpgradeTimeout: *upgradeTimeout,
 		Version:        version,
-		ControlPath:    *control,
+		ControlPath:    *controlPath,
 		InFlight:       srv.InFlight,
 	}
 	if *preflight {
@@ -176,7 +179,7 @@ func serve(args []string, stderr io.Writer) int {
 	srv.Logger = log
 	serveErr := make(chan error, len(listen))
 	for _, spec := range listen {
-		network, addr := upgrader.SplitAddr(spec)
+		network, addr := sockaddr.Split(spec)
 		ln, err := upg.Listen(network, addr)
 		if err != nil {
 			fmt.Fprintf(stderr, "handoff serve: cannot %v\n", err)
@@ -238,7 +241,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	var listen listFlag
 	fs.Var(&listen, "listen", "[NAME=]ADDR to listen on, host:port or unix:/path; repeatable; passed from fd 3 (default 127.0.0.1:8080)")
 	pidFile := fs.String("pidfile", "", "write handoff's own PID here (it stays the same across upgrades)")
-	control := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
+	controlPath := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
 	readyTimeout := fs.Duration("ready-timeout", upgrader.DefaultUpgradeTimeout, "how long a new child has to become ready")
 	readyDelay := fs.Duration("ready-delay", 0, "count a child as ready after this long if it cannot notify (weaker)")
 	drainTimeout := fs.Duration("drain-timeout", supervisor.DefaultDrainTimeout, "how long an old child may drain before SIGKILL")
@@ -266,8 +269,8 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{"127.0.0.1:8080"}
 	}
-	if *control == "" && *pidFile != "" {
-		*control = *pidFile + ".sock"
+	if *controlPath == "" && *pidFile != "" {
+		*controlPath = *pidFile + ".sock"
 	}
 	var listeners []supervisor.Listener
 	defer func() {
@@ -280,7 +283,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		if !found {
 			name, addr = "listener"+strconv.Itoa(i), spec
 		}
-		network, address := upgrader.SplitAddr(addr)
+		network, address := sockaddr.Split(addr)
 		f, bound, err := listenFile(network, address)
 		if err != nil {
 			fmt.Fprintf(stderr, "handoff run: cannot listen on %s: %v\n", addr, err)
@@ -293,11 +296,11 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		log.Info("listening", "name", name, "network", network, "addr", bound)
 	}
 	if *pidFile != "" {
-		if err := upgrader.WritePIDFile(*pidFile, os.Getpid()); err != nil {
+		if err := pidfile.Write(*pidFile, os.Getpid()); err != nil {
 			fmt.Fprintf(stderr, "handoff run: %v\n", err)
 			return exitPIDFile
 		}
-		defer upgrader.RemovePIDFile(*pidFile, os.Getpid())
+		defer pidfile.Remove(*pidFile, os.Getpid())
 	}
 	sup, err := supervisor.New(supervisor.Options{
 		Command: command, Listeners: listeners, Shim: []string{"/proc/self/exe", supervisor.ShimCommand},
@@ -308,8 +311,8 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "handoff run: %v\n", err)
 		return exitUsage
 	}
-	if *control != "" {
-		ln, err := upgrader.ListenControl(*control)
+	if *controlPath != "" {
+		ln, err := control.Listen(*controlPath)
 		if err != nil {
 			fmt.Fprintf(stderr, "handoff run: %v\n", err)
 			return exitListen
@@ -317,11 +320,11 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		served := make(chan struct{})
 		go func() {
 			defer close(served)
-			upgrader.ServeControl(ln, sup, log)
+			control.Serve(ln, sup, log)
 		}()
 		defer func() {
 			ln.Close()
-			os.Remove(*control)
+			os.Remove(*controlPath)
 			<-served
 		}()
 	}
@@ -363,7 +366,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 // with the address it is bound to.
 func listenFile(network, addr string) (*os.File, string, error) {
 	if network == "unix" {
-		upgrader.RemoveStaleSocket(addr)
+		sockaddr.RemoveStale(addr)
 	}
 	ln, err := net.Listen(network, addr)
 	if err != nil {
@@ -395,7 +398,7 @@ func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
 		return code
 	}
 	for _, spec := range listen {
-		network, addr := upgrader.SplitAddr(spec)
+		network, addr := sockaddr.Split(spec)
 		if network == "unix" {
 			if fi, err := os.Stat(filepath.Dir(addr)); err != nil || !fi.IsDir() {
 				return fail(exitListen, "--listen %s: directory %s does not exist", spec, filepath.Dir(addr))
@@ -416,12 +419,12 @@ func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
 
 // controlFlags are the flags that find a running server's control socket.
 func controlFlags(fs *flag.FlagSet) func() (string, error) {
-	control := fs.String("control", "", "the server's control socket")
+	controlPath := fs.String("control", "", "the server's control socket")
 	pidFile := fs.String("pidfile", "", "the server's PID file; the control socket is beside it (FILE.sock)")
 	return func() (string, error) {
 		switch {
-		case *control != "":
-			return *control, nil
+		case *controlPath != "":
+			return *controlPath, nil
 		case *pidFile != "":
 			return *pidFile + ".sock", nil
 		}
@@ -447,7 +450,7 @@ func upgrade(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeoutCause(context.Background(), *timeout,
 		fmt.Errorf("no verdict within %v; the upgrade may still finish: run handoff status", *timeout))
 	defer cancel()
-	ans, err := upgrader.Ask(ctx, sock, upgrader.Request{Cmd: "upgrade", Wait: *wait})
+	ans, err := control.Ask(ctx, sock, control.Request{Cmd: control.CmdUpgrade, Wait: *wait})
 	if code, done := askFailed("upgrade", err, ctx, stderr); done {
 		return code
 	}
@@ -473,15 +476,15 @@ func upgrade(args []string, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stderr, "    %s\n", l)
 			}
 		}
-		switch ans.Kind {
-		case "stopping", "handed-off":
-		case "in-progress", "draining":
+		switch {
+		case ans.Kind == control.KindStopping || ans.Kind == control.KindHandedOff:
+		case ans.Kind.Busy():
 			fmt.Fprintf(stderr, "pid %d keeps serving; try again later, or use --wait\n", ans.PID)
 		default:
 			fmt.Fprintf(stderr, "pid %d keeps serving\n", ans.PID)
 		}
 	}
-	if ans.Kind == "in-progress" || ans.Kind == "draining" {
+	if ans.Kind.Busy() {
 		return exitBusy
 	}
 	return exitFailure
@@ -503,7 +506,7 @@ func status(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	ans, err := upgrader.Ask(ctx, sock, upgrader.Request{Cmd: "status"})
+	ans, err := control.Ask(ctx, sock, control.Request{Cmd: control.CmdStatus})
 	if code, done := askFailed("status", err, ctx, stderr); done {
 		return code
 	}
@@ -540,7 +543,7 @@ func askFailed(cmd string, err error, ctx context.Context, stderr io.Writer) (in
 	switch {
 	case err == nil:
 		return 0, false
-	case errors.Is(err, upgrader.ErrNoAnswer):
+	case errors.Is(err, control.ErrNoAnswer):
 		fmt.Fprintf(stderr, "handoff %s: %v (is handoff serve or handoff run running with --control or --pidfile?)\n", cmd, err)
 		return exitNoReply, true
 	case ctx.Err() != nil:
@@ -621,7 +624,7 @@ func load(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "handoff load: unexpected argument %q\n", fs.Arg(0))
 		return exitUsage
 	}
-	cfg.Network, cfg.Addr = upgrader.SplitAddr(*target)
+	cfg.Network, cfg.Addr = sockaddr.Split(*target)
 	if cfg.Network == "tcp" && !isLoopback(cfg.Addr) {
 		fmt.Fprintf(stderr, "handoff load: --target %s is not a loopback address; handoff load only loads this host\n", cfg.Addr)
 		return exitUsage

@@ -31,7 +31,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/handoff-dev/handoff/internal/control"
 )
 
 // hrunOpts configure startHrun.
@@ -351,13 +351,13 @@ func hrunCLI(tb testing.TB, binDir string, timeout time.Duration, args ...string
 }
 
 // status runs handoff status --pidfile F --json.
-func (h *hrun) status() upgrader.Status {
+func (h *hrun) status() control.Status {
 	h.tb.Helper()
 	code, out, errOut := hrunCLI(h.tb, h.bins, 15*time.Second, "status", "--pidfile", h.pidfile, "--json")
 	if code != 0 {
 		h.tb.Fatalf("handoff status: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
 	}
-	var st upgrader.Status
+	var st control.Status
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		h.tb.Fatalf("handoff status --json: %v: %q", err, out)
 	}
@@ -367,7 +367,7 @@ func (h *hrun) status() upgrader.Status {
 // servingChild returns the one child that status reports, which must serve.
 func (h *hrun) servingChild() int {
 	h.tb.Helper()
-	var st upgrader.Status
+	var st control.Status
 	h.waitFor(10*time.Second, func() bool {
 		st = h.status()
 		return len(st.Children) == 1 && st.Children[0].Phase == "serving"
@@ -448,7 +448,7 @@ func (h *hrun) waitHealthz(pid int, timeout time.Duration) {
 func (h *hrun) waitOnlyChild(pid int, comm string, timeout time.Duration) {
 	h.tb.Helper()
 	var kids []hrunProc
-	var st upgrader.Status
+	var st control.Status
 	ok := poll(timeout, func() bool {
 		kids = hrunKids(h.pid)
 		if len(kids) != 1 || kids[0].pid != pid {
@@ -637,7 +637,7 @@ func TestRunBrokenChildren(t *testing.T) {
 		h.waitHealthz(cur, 5*time.Second)
 		h.checkHandoff(t)
 		st := h.status()
-		if st.LastUpgrade == nil || st.LastUpgrade.OK || st.LastUpgrade.Kind != c.logKind {
+		if st.LastUpgrade == nil || st.LastUpgrade.OK || string(st.LastUpgrade.Kind) != c.logKind {
 			t.Errorf("%s: status last_upgrade %+v, want a failure of kind %q", c.name, st.LastUpgrade, c.logKind)
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/handoff-dev/handoff/internal/control"
+
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -29,7 +31,7 @@ func TestFromTableflip(t *testing.T) {
 	} {
 		t.Run(tc.tableflip, func(t *testing.T) {
 			err := fromTableflip(errors.New(tc.tableflip))
-			assert.Equal(t, tc.kind, Kind(err))
+			assert.Equal(t, tc.kind, kindOf(err))
 			if tc.exit != nil {
 				var exit *ExitError
 				require.ErrorAs(t, err, &exit)
@@ -44,8 +46,10 @@ func TestFromTableflip(t *testing.T) {
 }
 
 func TestKindOfWrappedErrors(t *testing.T) {
-	assert.Equal(t, "", Kind(nil))
-	assert.Equal(t, "binary-missing", Kind(fmt.Errorf("x: %w", ErrBinaryMissing)))
-	assert.Equal(t, "binary-not-executable", Kind(fmt.Errorf("x: %w", ErrBinaryNotExecutable)))
-	assert.Equal(t, "exited", Kind(fmt.Errorf("x: %w", &ExitError{PID: 1})))
+	assert.Equal(t, "", kindOf(nil))
+	assert.Equal(t, "binary-missing", kindOf(fmt.Errorf("x: %w", ErrBinaryMissing)))
+	assert.Equal(t, "binary-not-executable", kindOf(fmt.Errorf("x: %w", ErrBinaryNotExecutable)))
+	assert.Equal(t, "exited", kindOf(fmt.Errorf("x: %w", &ExitError{PID: 1})))
 }
+
+func kindOf(err error) string { return string(control.KindOf(err)) }

@@ -7,10 +7,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/pidfile"
 )
 
 // resolveBinary makes argv0 absolute against dir the way the shell found it,
@@ -40,7 +41,7 @@ func checkBinary(path string) error {
 		return fmt.Errorf("%w: %s: no such file or directory", ErrBinaryMissing, path)
 	}
 	if err != nil {
-		return fmt.Errorf("%s: %w: %v", path, ErrBinaryNotExecutable, err)
+		return fmt.Errorf("%s: %w: %w", path, ErrBinaryNotExecutable, err)
 	}
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s: %w: not a regular file", path, ErrBinaryNotExecutable)
@@ -67,7 +68,7 @@ func Check(opts Options) error {
 		return err
 	}
 	if opts.PIDFile != "" {
-		if err := checkPIDFileDir(opts.PIDFile); err != nil {
+		if err := pidfile.CheckDir(opts.PIDFile); err != nil {
 			return err
 		}
 	}
@@ -77,72 +78,4 @@ func Check(opts Options) error {
 		}
 	}
 	return nil
-}
-
-// checkPIDFileDir fails early when the PID file could not be written at Ready.
-func checkPIDFileDir(path string) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".check-*")
-	if err != nil {
-		return fmt.Errorf("%w %s: %v", ErrPIDFile, path, err)
-	}
-	f.Close()
-	return os.Remove(f.Name())
-}
-
-// WritePIDFile writes pid to path atomically: a temporary file in the same
-// directory, renamed over path. An Upgrader does it at Ready (Options.PIDFile).
-func WritePIDFile(path string, pid int) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("%w %s: %v", ErrPIDFile, path, err)
-	}
-	defer os.Remove(f.Name())
-	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		return fmt.Errorf("%w %s: %v", ErrPIDFile, path, err)
-	}
-	return nil
-}
-
-// RemovePIDFile removes path if it still names pid: a generation that handed
-// off must not remove the file its successor wrote.
-func RemovePIDFile(path string, pid int) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil
-	}
-	if strings.TrimSpace(string(b)) != strconv.Itoa(pid) {
-		return nil
-	}
-	return os.Remove(path)
-}
-
-// RemoveStaleSocket removes a Unix socket file at path that nobody listens on, so
-// that a server killed without cleaning up can start again. It leaves anything
-// else alone.
-func RemoveStaleSocket(path string) {
-	if strings.HasPrefix(path, "@") {
-		return
-	}
-	fi, err := os.Lstat(path)
-	if err != nil || fi.Mode()&fs.ModeSocket == 0 {
-		return
-	}
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return
-	}
-	defer unix.Close(fd)
-	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: path}); errors.Is(err, unix.ECONNREFUSED) {
-		os.Remove(path)
-	}
 }

@@ -1,16 +1,15 @@
 package upgrader
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"os"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/cloudflare/tableflip"
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/tail"
 )
 
 // A failed upgrade's verdict quotes the new process's last lines of stderr.
@@ -22,12 +21,6 @@ import (
 // Ready the new process puts its real stderr, passed under stderrName, back on
 // its fd 2, so nothing of it depends on this process once it serves.
 const stderrName = "handoff-stderr"
-
-// Bounds on what is kept of a new process's stderr.
-const (
-	stderrTailLines = 20
-	stderrLineMax   = 1024 // longer lines are cut, so a verdict fits a control answer
-)
 
 // restoreStderr puts the real stderr passed by the parent back on fd 2.
 func restoreStderr(tf *tableflip.Upgrader) error {
@@ -47,7 +40,7 @@ type stderrTee struct {
 	saved *os.File // what os.Stderr was
 	w     *os.File
 	done  chan struct{}
-	tail  Tail
+	tail  tail.Tail
 }
 
 // captureStderr makes os.Stderr a pipe copied to the real stderr. It must be
@@ -62,7 +55,7 @@ func captureStderr() (*stderrTee, error) {
 	go func() {
 		defer close(t.done)
 		defer r.Close()
-		t.tail.copyFrom(io.TeeReader(r, t.saved))
+		t.tail.Copy(io.TeeReader(r, t.saved))
 	}()
 	return t, nil
 }
@@ -80,56 +73,4 @@ func (t *stderrTee) stop(wait bool) []string {
 		}
 	}
 	return t.tail.Lines()
-}
-
-// Tail keeps the last lines of a process's output for a verdict (Outcome.Stderr):
-// 20 lines at most, each cut at 1 KiB. The zero value is ready to use.
-type Tail struct {
-	mu   sync.Mutex
-	last []string
-}
-
-// Add keeps line.
-func (t *Tail) Add(line string) {
-	line = strings.TrimRight(line, "\r\n")
-	if len(line) > stderrLineMax {
-		line = line[:stderrLineMax] + "..."
-	}
-	if line == "" {
-		return
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.last = append(t.last, line)
-	if len(t.last) > stderrTailLines {
-		t.last = t.last[len(t.last)-stderrTailLines:]
-	}
-}
-
-// Lines returns the lines kept.
-func (t *Tail) Lines() []string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return append([]string(nil), t.last...)
-}
-
-// copyFrom reads r to its end, keeping the tail; a line longer than the reader's
-// buffer is kept in part.
-func (t *Tail) copyFrom(r io.Reader) {
-	br := bufio.NewReaderSize(r, stderrLineMax)
-	for {
-		line, err := br.ReadSlice('\n')
-		if len(line) > 0 {
-			t.Add(string(line))
-		}
-		if err == bufio.ErrBufferFull {
-			// The rest of an overlong line.
-			for err == bufio.ErrBufferFull {
-				_, err = br.ReadSlice('\n')
-			}
-		}
-		if err != nil && err != bufio.ErrBufferFull {
-			return
-		}
-	}
 }

@@ -3,11 +3,8 @@ package upgrader
 import (
 	"fmt"
 	"net"
-	"os"
-	"strings"
 
 	"github.com/coreos/go-systemd/v22/activation"
-	"github.com/coreos/go-systemd/v22/daemon"
 )
 
 // systemd integration, through go-systemd:
@@ -23,32 +20,8 @@ import (
 //     LISTEN_PID is ours) are used for the addresses they are bound to, and then
 //     handed on across upgrades like any other listener.
 //
-// NOTIFY_SOCKET stays in the environment: every generation needs it.
-
-// notify sends state to systemd; it does nothing without NOTIFY_SOCKET.
-func (u *Upgrader) notify(state string) {
-	if _, err := daemon.SdNotify(false, state); err != nil {
-		u.log.Warn("cannot notify systemd", "state", state, "error", err)
-	}
-}
-
-func (u *Upgrader) notifyReady() {
-	u.notify(fmt.Sprintf("MAINPID=%d\n%s\nSTATUS=serving: generation %d, version %s",
-		os.Getpid(), daemon.SdNotifyReady, u.generation, u.opts.Version))
-}
-
-func (u *Upgrader) notifyReloading() {
-	u.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
-}
-
-func (u *Upgrader) notifyFailed(err error) {
-	u.notify("STATUS=upgrade failed: " + oneLine(err.Error()))
-	u.notify(daemon.SdNotifyReady)
-}
-
-func (u *Upgrader) notifyStopping() { u.notify(daemon.SdNotifyStopping) }
-
-func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
+// NOTIFY_SOCKET stays in the environment: every generation needs it. The
+// notification sequence itself is internal/sdnotify's.
 
 // activated is a listener systemd passed at first start.
 type activated struct {

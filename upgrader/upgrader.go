@@ -17,6 +17,13 @@ import (
 	"time"
 
 	"github.com/cloudflare/tableflip"
+
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
+	"github.com/handoff-dev/handoff/internal/pidfile"
+	"github.com/handoff-dev/handoff/internal/sdnotify"
+	"github.com/handoff-dev/handoff/internal/sockaddr"
+	"github.com/handoff-dev/handoff/internal/tail"
 )
 
 // DefaultUpgradeTimeout is how long a new process has to become ready when
@@ -81,15 +88,16 @@ type Upgrader struct {
 	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
 
 	started   time.Time
-	activated []activated       // from systemd, at first start, until claimed
-	control   *net.UnixListener // nil without Options.ControlPath
-	upgrading atomic.Bool       // an attempt runs
-	accepting chan struct{}     // closed when ServeControl has returned
-	listeners []ListenerInfo    // for Status; guarded by mu
+	activated []activated            // from systemd, at first start, until claimed
+	control   *net.UnixListener      // nil without Options.ControlPath
+	phase     atomic.Value           // gate.Phase, stored by the run loop
+	accepting chan struct{}          // closed when the control socket's Serve has returned
+	listeners []control.ListenerInfo // for status; guarded by mu
+	sd        sdnotify.Notifier
 
 	mu           sync.Mutex
 	handedTo     *Result
-	last         *Outcome
+	last         *control.Outcome
 	children     *childChannel // made at the first upgrade
 	stderrPassed bool          // the real stderr is registered with tableflip
 	sigC         chan os.Signal
@@ -97,8 +105,8 @@ type Upgrader struct {
 
 type request struct {
 	ctx     context.Context
-	trigger string // "signal" or "api"
-	wait    bool   // wait for a draining previous generation instead of failing
+	trigger gate.Trigger
+	wait    bool // wait for a draining previous generation instead of failing
 	reply   chan outcome
 }
 
@@ -128,7 +136,7 @@ func New(opts Options) (*Upgrader, error) {
 		if !filepath.IsAbs(opts.PIDFile) {
 			opts.PIDFile = filepath.Join(wd, opts.PIDFile)
 		}
-		if err := checkPIDFileDir(opts.PIDFile); err != nil {
+		if err := pidfile.CheckDir(opts.PIDFile); err != nil {
 			return nil, err
 		}
 	}
@@ -175,6 +183,8 @@ func New(opts Options) (*Upgrader, error) {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
+	u.sd = sdnotify.Notifier{Log: u.log}
+	u.phase.Store(gate.Starting)
 	if os.Getpid() == 1 {
 		u.log.Warn("running as PID 1: after a handoff this process exits and the container ends with it; " +
 			"run under an init (docker run --init, tini) or under `handoff run`")
@@ -185,7 +195,7 @@ func New(opts Options) (*Upgrader, error) {
 	if opts.ControlPath != "" {
 		if u.control, err = u.listenControl(opts.ControlPath); err != nil {
 			tf.Stop()
-			return nil, fmt.Errorf("%w %s: %v", ErrControlSocket, opts.ControlPath, err)
+			return nil, fmt.Errorf("%w %s: %w", ErrControlSocket, opts.ControlPath, err)
 		}
 		u.accepting = make(chan struct{})
 	}
@@ -217,15 +227,6 @@ func (u *Upgrader) Binary() string { return u.binary }
 // HasParent reports whether this generation was started by an upgrade.
 func (u *Upgrader) HasParent() bool { return u.tf.HasParent() }
 
-// SplitAddr splits a listen address as the command line gives it: "unix:/path"
-// is a Unix socket, anything else a TCP host:port.
-func SplitAddr(spec string) (network, addr string) {
-	if rest, ok := strings.CutPrefix(spec, "unix:"); ok {
-		return "unix", rest
-	}
-	return "tcp", spec
-}
-
 // Listen returns the listener for network ("tcp", "tcp4", "tcp6" or "unix") and
 // addr inherited from the previous generation, or creates one. The same network
 // and addr strings must be used in every generation: they are the key.
@@ -233,7 +234,7 @@ func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
 	ln, err := u.listen(network, addr)
 	if err == nil {
 		u.mu.Lock()
-		u.listeners = append(u.listeners, ListenerInfo{Network: network, Addr: ln.Addr().String()})
+		u.listeners = append(u.listeners, control.ListenerInfo{Network: network, Addr: ln.Addr().String()})
 		u.mu.Unlock()
 	}
 	return ln, err
@@ -247,13 +248,32 @@ func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
 		return ln, err
 	}
 	if network == "unix" {
-		RemoveStaleSocket(addr)
+		sockaddr.RemoveStale(addr)
 	}
-	ln, err := u.tf.Listen(network, addr)
+	// tableflip formats the callback's error with %s; keep ours, so that
+	// errors.Is(err, syscall.EADDRINUSE) works.
+	var lerr error
+	ln, err := u.tf.ListenWithCallback(network, addr, func(network, addr string) (net.Listener, error) {
+		ln, err := new(net.ListenConfig).Listen(context.Background(), network, addr)
+		lerr = err
+		return ln, err
+	})
+	if lerr != nil {
+		err = lerr
+	}
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
 	}
 	return ln, nil
+}
+
+// listenControl opens the control socket (inherited after an upgrade), mode 0600.
+func (u *Upgrader) listenControl(path string) (*net.UnixListener, error) {
+	ln, err := u.listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	return control.Chmod(ln.(*net.UnixListener), path)
 }
 
 // claimActivated returns the socket systemd passed for network and addr, and
@@ -277,7 +297,15 @@ func (u *Upgrader) claimActivated(network, addr string) (net.Listener, error) {
 
 // ListenPacket is Listen for datagram sockets ("udp", "udp4", "udp6", "unixgram").
 func (u *Upgrader) ListenPacket(network, addr string) (net.PacketConn, error) {
-	pc, err := u.tf.ListenPacket(network, addr)
+	var lerr error
+	pc, err := u.tf.ListenPacketWithCallback(network, addr, func(network, addr string) (net.PacketConn, error) {
+		pc, err := new(net.ListenConfig).ListenPacket(context.Background(), network, addr)
+		lerr = err
+		return pc, err
+	})
+	if lerr != nil {
+		err = lerr
+	}
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
 	}
@@ -291,7 +319,7 @@ func (u *Upgrader) Ready() error {
 	var err error
 	u.readyOnce.Do(func() {
 		if u.opts.PIDFile != "" {
-			if err = WritePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
+			if err = pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
 				return
 			}
 		}
@@ -310,19 +338,19 @@ func (u *Upgrader) Ready() error {
 		close(u.readyC)
 		if u.tf.HasParent() {
 			// The upgrade that made this generation, as this generation saw it.
-			arrived := NewOutcome(Result{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
-				Duration: time.Since(u.started)}, nil)
+			arrived := control.NewOutcome(control.Result{PID: os.Getpid(), Version: u.opts.Version,
+				Generation: u.generation, Duration: time.Since(u.started)}, nil)
 			u.mu.Lock()
 			u.last = &arrived
 			u.mu.Unlock()
 		}
 		u.closeActivated()
-		u.notifyReady()
+		u.sd.Ready(os.Getpid(), fmt.Sprintf("serving: generation %d, version %s", u.generation, u.opts.Version))
 		u.log.Info("ready", "version", u.opts.Version)
 		if u.control != nil {
 			go func() {
 				defer close(u.accepting)
-				ServeControl(u.control, u, u.log)
+				control.Serve(u.control, controller{u}, u.log)
 			}()
 		}
 	})
@@ -337,17 +365,17 @@ func (u *Upgrader) Ready() error {
 // ErrBinaryNotExecutable); a new process that exits early gives an *ExitError,
 // one that hangs ErrTimeout. On success, Done is closed.
 func (u *Upgrader) Upgrade(ctx context.Context) (Result, error) {
-	return u.request(ctx, "api", false)
+	return u.request(ctx, gate.API, false)
 }
 
 // UpgradeAfterDrain is Upgrade, except that it waits for this generation to be
 // ready and for the previous generation to exit instead of failing. Requests
 // that wait together share one upgrade.
 func (u *Upgrader) UpgradeAfterDrain(ctx context.Context) (Result, error) {
-	return u.request(ctx, "api", true)
+	return u.request(ctx, gate.API, true)
 }
 
-func (u *Upgrader) request(ctx context.Context, trigger string, wait bool) (Result, error) {
+func (u *Upgrader) request(ctx context.Context, trigger gate.Trigger, wait bool) (Result, error) {
 	req := request{ctx: ctx, trigger: trigger, wait: wait, reply: make(chan outcome, 1)}
 	select {
 	case u.requests <- req:
@@ -371,22 +399,25 @@ func (u *Upgrader) finalErr() error {
 	return ErrStopping
 }
 
-// run owns the upgrade state: requests, signals and outcomes are messages to it.
+// run owns the upgrade state: requests, signals and outcomes are messages to
+// it, and the gate decides.
 func (u *Upgrader) run() {
+	g := gate.New[request](u.tf.HasParent())
 	defer func() {
+		u.phase.Store(g.Phase())
 		if u.control != nil {
 			u.control.Close() // the next generation, or nobody, answers from now on
 		}
 		close(u.doneC)
 	}()
 	var (
-		ready    = u.readyC
-		parent   = u.parentC
-		attempt  chan outcome // non-nil while an upgrade runs
-		waiting  []request    // replied to when the running upgrade ends
-		queued   []request    // wait for ready and the previous generation's exit
-		queuedBy = map[string]bool{}
+		ready   = u.readyC
+		parent  = u.parentC
+		attempt chan outcome // non-nil while an upgrade runs
 	)
+	if !u.tf.HasParent() {
+		g.PreviousExited()
+	}
 	reply := func(reqs []request, o outcome) {
 		for _, r := range reqs {
 			r.reply <- o
@@ -397,60 +428,50 @@ func (u *Upgrader) run() {
 		go func(c chan outcome) { c <- u.attempt() }(attempt)
 	}
 	for {
-		canStart := ready == nil && parent == nil
-		if canStart && attempt == nil && len(queued) > 0 {
-			waiting, queued, queuedBy = queued, nil, map[string]bool{}
+		if g.Next() {
 			u.log.Info("running queued upgrade")
 			start()
 		}
+		u.phase.Store(g.Phase())
 		select {
 		case <-ready:
 			ready = nil
+			g.Ready()
 		case <-parent:
 			parent = nil
+			g.PreviousExited()
 		case req := <-u.requests:
 			u.log.Info("upgrade requested", "trigger", req.trigger)
-			switch {
-			case attempt != nil:
-				if req.trigger == "signal" {
+			switch d := g.Request(req, req.trigger, req.wait); d.Verdict {
+			case gate.Refuse:
+				if d.Err == gate.ErrUpgradeInProgress && req.trigger == gate.Signal {
 					u.log.Info("upgrade ignored", "reason", "upgrade in progress")
 				}
-				req.reply <- outcome{err: ErrUpgradeInProgress}
-			case !canStart && !req.wait:
-				err := ErrParentDraining
-				if ready != nil {
-					err = ErrNotReady
+				req.reply <- outcome{err: d.Err}
+			case gate.Queue:
+				if !d.Repeat {
+					u.log.Info("upgrade queued", "reason", d.Reason)
 				}
-				req.reply <- outcome{err: err}
-			case !canStart:
-				reason := "previous generation still draining"
-				if ready != nil {
-					reason = "this generation not ready yet"
-				}
-				if !queuedBy[req.trigger] || req.trigger != "signal" {
-					u.log.Info("upgrade queued", "reason", reason)
-				}
-				queuedBy[req.trigger] = true
-				queued = append(queued, req)
-			default:
-				waiting = []request{req}
+			case gate.Start:
 				start()
 			}
 		case o := <-attempt:
 			attempt = nil
-			reply(waiting, o)
-			waiting = nil
+			reply(g.Done(), o)
 			if u.settle(o) {
-				return // queued is empty: requests queue only while no attempt can run
+				g.HandOff()
+				return
 			}
 		case <-u.stopC:
-			reply(queued, outcome{err: ErrStopping})
+			reply(g.Stop(), outcome{err: ErrStopping})
 			if attempt != nil {
 				// tableflip kills the child and answers "terminating", unless the
 				// child became ready at that very moment: it then serves.
 				o := <-attempt
-				reply(waiting, o)
-				u.settle(o)
+				reply(g.Done(), o)
+				if u.settle(o) {
+					g.HandOff()
+				}
 			}
 			return
 		}
@@ -461,10 +482,10 @@ func (u *Upgrader) run() {
 // over.
 func (u *Upgrader) settle(o outcome) bool {
 	if o.err != nil {
-		u.log.Error("upgrade failed", "kind", Kind(o.err), "error", o.err.Error())
+		u.log.Error("upgrade failed", "kind", control.KindOf(o.err), "error", o.err.Error())
 		if u.opts.PIDFile != "" {
 			// The new process may have written it before it failed to signal ready.
-			if err := WritePIDFile(u.opts.PIDFile, os.Getpid()); err != nil {
+			if err := pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
 				u.log.Error("cannot rewrite pid file", "error", err)
 			}
 		}
@@ -481,16 +502,14 @@ func (u *Upgrader) settle(o outcome) bool {
 // attempt runs one upgrade; it is the only caller of tableflip's Upgrade.
 func (u *Upgrader) attempt() (o outcome) {
 	started := time.Now()
-	u.upgrading.Store(true)
-	u.notifyReloading()
+	u.sd.Reloading()
 	defer func() {
-		u.upgrading.Store(false)
-		out := NewOutcome(o.res, o.err)
+		out := control.NewOutcome(control.Result(o.res), o.err)
 		u.mu.Lock()
 		u.last = &out
 		u.mu.Unlock()
 		if o.err != nil {
-			u.notifyFailed(o.err)
+			u.sd.Failed(o.err)
 		}
 	}()
 	if err := checkBinary(u.binary); err != nil {
@@ -569,8 +588,8 @@ func (u *Upgrader) preflight() error {
 		return nil
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) > stderrTailLines {
-		lines = lines[len(lines)-stderrTailLines:]
+	if len(lines) > tail.MaxLines {
+		lines = lines[len(lines)-tail.MaxLines:]
 	}
 	status := err.Error()
 	if ctx.Err() != nil {
@@ -589,31 +608,37 @@ func (u *Upgrader) closeActivated() {
 	u.activated = nil
 }
 
-// Status describes this generation now.
-func (u *Upgrader) Status() Status {
-	st := Status{PID: os.Getpid(), Generation: u.generation, Version: u.opts.Version,
-		Started: u.started.UTC(), Phase: "serving"}
+// status describes this generation now, for the control socket.
+func (u *Upgrader) status() control.Status {
+	st := control.Status{PID: os.Getpid(), Generation: u.generation, Version: u.opts.Version,
+		Started: u.started.UTC(), Phase: u.phase.Load().(gate.Phase)}
 	if u.opts.InFlight != nil {
 		st.InFlight = u.opts.InFlight()
 	}
 	u.mu.Lock()
-	st.Listeners = append([]ListenerInfo(nil), u.listeners...)
+	st.Listeners = append([]control.ListenerInfo(nil), u.listeners...)
 	st.LastUpgrade = u.last
 	handed := u.handedTo != nil
 	u.mu.Unlock()
 	switch {
 	case handed:
-		st.Phase = "handed-off"
+		st.Phase = gate.HandedOff
 	case isClosed(u.stopC):
-		st.Phase = "stopping"
-	case !isClosed(u.readyC):
-		st.Phase = "starting"
-	case u.upgrading.Load():
-		st.Phase = "upgrading"
-	case !isClosed(u.parentC):
-		st.Phase, st.PreviousPID = "draining-previous", os.Getppid()
+		st.Phase = gate.Stopping
+	case st.Phase == gate.DrainingPrevious:
+		st.PreviousPID = os.Getppid()
 	}
 	return st
+}
+
+// controller drives this generation from the control socket.
+type controller struct{ u *Upgrader }
+
+func (c controller) Status() control.Status { return c.u.status() }
+
+func (c controller) Upgrade(ctx context.Context, wait bool) (control.Result, error) {
+	res, err := c.u.request(ctx, gate.API, wait)
+	return control.Result(res), err
 }
 
 func isClosed(c chan struct{}) bool {
@@ -704,7 +729,7 @@ func (u *Upgrader) HandleSignals() {
 
 func (u *Upgrader) signalUpgrade() {
 	// Queued requests are answered when the loop ends, so this never outlives it.
-	_, _ = u.request(context.Background(), "signal", true)
+	_, _ = u.request(context.Background(), gate.Signal, true)
 }
 
 // Stop ends upgrades: a running one is abandoned (its process killed), and Done
@@ -713,7 +738,7 @@ func (u *Upgrader) signalUpgrade() {
 func (u *Upgrader) Stop() {
 	u.stopOnce.Do(func() {
 		if u.HandedOff() == nil {
-			u.notifyStopping()
+			u.sd.Stopping()
 		}
 		close(u.stopC)
 		u.tf.Stop()
@@ -745,7 +770,7 @@ func (u *Upgrader) Close() error {
 		handed := u.handedTo != nil
 		u.mu.Unlock()
 		if u.opts.PIDFile != "" && !handed {
-			err = RemovePIDFile(u.opts.PIDFile, os.Getpid())
+			err = pidfile.Remove(u.opts.PIDFile, os.Getpid())
 		}
 		u.log.Info("exiting")
 	})

@@ -14,6 +14,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
 )
 
 // The test binary is re-exec'd by tableflip as the new generation; these
@@ -112,8 +115,8 @@ func TestUpgradeOutcomes(t *testing.T) {
 	t.Setenv(childPIDEnv, pidFile)
 	t.Setenv(childOutEnv, out)
 
-	control := filepath.Join(dir, "ctl.sock")
-	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: 3 * time.Second, Version: "v-parent", ControlPath: control})
+	ctlPath := filepath.Join(dir, "ctl.sock")
+	u, err := New(Options{PIDFile: pidFile, UpgradeTimeout: 3 * time.Second, Version: "v-parent", ControlPath: ctlPath})
 	require.NoError(t, err)
 	t.Cleanup(func() { u.Close() })
 	assert.Equal(t, 1, u.Generation())
@@ -139,19 +142,19 @@ func TestUpgradeOutcomes(t *testing.T) {
 	b, err := os.ReadFile(pidFile)
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(os.Getpid())+"\n", string(b))
-	fi, err := os.Stat(control)
+	fi, err := os.Stat(ctlPath)
 	require.NoError(t, err)
-	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "control socket mode")
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "ctlPath socket mode")
 
 	t.Run("status", func(t *testing.T) {
-		ans, err := Ask(ctx, control, Request{Cmd: "status"})
+		ans, err := control.Ask(ctx, ctlPath, control.Request{Cmd: control.CmdStatus})
 		require.NoError(t, err)
 		require.True(t, ans.OK)
 		st := ans.Status
 		assert.Equal(t, os.Getpid(), st.PID)
-		assert.Equal(t, "serving", st.Phase)
+		assert.Equal(t, gate.Serving, st.Phase)
 		assert.Equal(t, "v-parent", st.Version)
-		assert.Equal(t, []ListenerInfo{{"tcp", ln.Addr().String()}, {"unix", ul.Addr().String()}}, st.Listeners)
+		assert.Equal(t, []control.ListenerInfo{{Network: "tcp", Addr: ln.Addr().String()}, {Network: "unix", Addr: ul.Addr().String()}}, st.Listeners)
 	})
 
 	binary := u.binary
@@ -177,17 +180,17 @@ func TestUpgradeOutcomes(t *testing.T) {
 		assert.Positive(t, exit.PID)
 		assert.Contains(t, exit.Stderr, "child: failing on purpose", "the new process's stderr is quoted")
 	})
-	t.Run("new process exits, asked over the control socket", func(t *testing.T) {
+	t.Run("new process exits, asked over the ctlPath socket", func(t *testing.T) {
 		t.Setenv(childModeEnv, "exit")
-		ans, err := Ask(ctx, control, Request{Cmd: "upgrade"})
+		ans, err := control.Ask(ctx, ctlPath, control.Request{Cmd: control.CmdUpgrade})
 		require.NoError(t, err)
 		assert.False(t, ans.OK)
-		assert.Equal(t, "exited", ans.Kind)
+		assert.Equal(t, control.KindExited, ans.Kind)
 		assert.Equal(t, os.Getpid(), ans.PID, "the old process answers: it keeps serving")
 		require.NotNil(t, ans.Upgrade)
 		assert.Equal(t, "exit status 3", ans.Upgrade.ExitStatus)
 		assert.Contains(t, ans.Upgrade.Stderr, "child: failing on purpose")
-		assert.Equal(t, "exited", u.Status().LastUpgrade.Kind)
+		assert.Equal(t, control.KindExited, u.status().LastUpgrade.Kind)
 	})
 	t.Run("new process hangs, and a second upgrade meanwhile is refused", func(t *testing.T) {
 		t.Setenv(childModeEnv, "hang")
@@ -198,7 +201,7 @@ func TestUpgradeOutcomes(t *testing.T) {
 				errs <- err
 			}()
 		}
-		got := []string{Kind(<-errs), Kind(<-errs)}
+		got := []string{kindOf(<-errs), kindOf(<-errs)}
 		assert.ElementsMatch(t, []string{"in-progress", "timeout"}, got)
 	})
 	select {

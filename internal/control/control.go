@@ -1,4 +1,8 @@
-package upgrader
+// Package control is the control socket of `handoff serve` and `handoff run`:
+// its wire format (one JSON line each way, ProtocolVersion), the client (Ask),
+// the server (Serve, Listen, with a peer-credential check), and the outcomes it
+// reports (the errors of an upgrade attempt and their kinds).
+package control
 
 import (
 	"bufio"
@@ -16,6 +20,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/gate"
+	"github.com/handoff-dev/handoff/internal/sockaddr"
 )
 
 // ProtocolVersion is the version of the control socket's JSON documents.
@@ -30,10 +37,19 @@ const controlTimeout = 5 * time.Second
 // Request is what a client sends on the control socket: one JSON document on
 // one line, one request per connection.
 type Request struct {
-	V    int    `json:"v"`
-	Cmd  string `json:"cmd"`            // "status" or "upgrade"
-	Wait bool   `json:"wait,omitempty"` // upgrade: wait for a draining previous generation
+	V    int  `json:"v"`
+	Cmd  Cmd  `json:"cmd"`
+	Wait bool `json:"wait,omitempty"` // upgrade: wait for a draining previous generation
 }
+
+// Cmd is a control command.
+type Cmd string
+
+// The commands.
+const (
+	CmdStatus  Cmd = "status"
+	CmdUpgrade Cmd = "upgrade"
+)
 
 // Answer is the server's reply, one JSON document on one line.
 type Answer struct {
@@ -41,7 +57,7 @@ type Answer struct {
 	PID     int      `json:"pid"` // the process that answered
 	OK      bool     `json:"ok"`
 	Error   string   `json:"error,omitempty"`
-	Kind    string   `json:"kind,omitempty"` // Kind of the error
+	Kind    Kind     `json:"kind,omitempty"` // KindOf the error
 	Upgrade *Outcome `json:"upgrade,omitempty"`
 	Status  *Status  `json:"status,omitempty"`
 }
@@ -55,9 +71,17 @@ type Outcome struct {
 	Generation int       `json:"generation,omitempty"`
 	DurationMS float64   `json:"duration_ms"`
 	Error      string    `json:"error,omitempty"`
-	Kind       string    `json:"kind,omitempty"`
+	Kind       Kind      `json:"kind,omitempty"`
 	ExitStatus string    `json:"exit_status,omitempty"`
 	Stderr     []string  `json:"stderr,omitempty"` // last lines of the new process's stderr, when it failed
+}
+
+// Result describes the generation that took over after a successful upgrade.
+type Result struct {
+	PID        int
+	Version    string
+	Generation int
+	Duration   time.Duration // from the start of the upgrade to the new generation's ready
 }
 
 // Status describes a generation.
@@ -66,7 +90,7 @@ type Status struct {
 	Generation  int            `json:"generation"`
 	Version     string         `json:"version"`
 	Started     time.Time      `json:"started"`
-	Phase       string         `json:"phase"` // starting, serving, upgrading, draining-previous, stopping, handed-off
+	Phase       gate.Phase     `json:"phase"`
 	Listeners   []ListenerInfo `json:"listeners"`
 	InFlight    int64          `json:"in_flight"`
 	PreviousPID int            `json:"previous_pid,omitempty"` // while the previous generation drains
@@ -76,10 +100,20 @@ type Status struct {
 
 // ChildStatus is one process that handoff run supervises.
 type ChildStatus struct {
-	PID     int       `json:"pid"`
-	Phase   string    `json:"phase"` // starting, serving, draining
-	Started time.Time `json:"started"`
+	PID     int        `json:"pid"`
+	Phase   ChildPhase `json:"phase"`
+	Started time.Time  `json:"started"`
 }
+
+// ChildPhase is where a child of handoff run is in its life.
+type ChildPhase string
+
+// The phases of a child.
+const (
+	ChildStarting ChildPhase = "starting"
+	ChildServing  ChildPhase = "serving"
+	ChildDraining ChildPhase = "draining"
+)
 
 // ListenerInfo names one listener.
 type ListenerInfo struct {
@@ -112,45 +146,35 @@ func decodeRequest(r io.Reader) (Request, error) {
 		return req, fmt.Errorf("unsupported protocol version %d (this server speaks %d)", req.V, ProtocolVersion)
 	}
 	switch req.Cmd {
-	case "status", "upgrade":
+	case CmdStatus, CmdUpgrade:
 	default:
 		return req, fmt.Errorf("unknown command %q (status, upgrade)", req.Cmd)
 	}
 	return req, nil
 }
 
-// Controller is what a control socket drives: an Upgrader, or a supervisor of
-// another program.
+// Controller is what a control socket drives: an upgrader's generation, or the
+// supervisor of another program.
 type Controller interface {
 	Status() Status
-	Upgrade(ctx context.Context) (Result, error)
-	UpgradeAfterDrain(ctx context.Context) (Result, error)
+	// Upgrade blocks until the upgrade's outcome is known; wait says whether to
+	// wait for a draining previous generation instead of failing.
+	Upgrade(ctx context.Context, wait bool) (Result, error)
 }
 
-var _ Controller = (*Upgrader)(nil)
-
-// listenControl opens the control socket (inherited after an upgrade), mode 0600.
-func (u *Upgrader) listenControl(path string) (*net.UnixListener, error) {
-	ln, err := u.listen("unix", path)
-	if err != nil {
-		return nil, err
-	}
-	return chmodControl(ln.(*net.UnixListener), path)
-}
-
-// ListenControl opens a control socket at path, mode 0600, removing a stale
-// socket file first. For servers without an Upgrader; an Upgrader opens its own
-// (Options.ControlPath).
-func ListenControl(path string) (*net.UnixListener, error) {
-	RemoveStaleSocket(path)
+// Listen opens a control socket at path, mode 0600, removing a stale socket
+// file first.
+func Listen(path string) (*net.UnixListener, error) {
+	sockaddr.RemoveStale(path)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("open control socket: %w", err)
 	}
-	return chmodControl(ln, path)
+	return Chmod(ln, path)
 }
 
-func chmodControl(ln *net.UnixListener, path string) (*net.UnixListener, error) {
+// Chmod gives an inherited control socket its mode, 0600.
+func Chmod(ln *net.UnixListener, path string) (*net.UnixListener, error) {
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("chmod control socket: %w", err)
@@ -158,10 +182,10 @@ func chmodControl(ln *net.UnixListener, path string) (*net.UnixListener, error) 
 	return ln, nil
 }
 
-// ServeControl answers control requests on ln for ctl. It blocks until ln is
+// Serve answers control requests on ln for ctl. It blocks until ln is
 // closed and every request accepted has been answered (each within a few
 // seconds: reads and writes have deadlines; an upgrade's verdict is awaited).
-func ServeControl(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
+func Serve(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
 	var answering sync.WaitGroup
 	defer answering.Wait()
 	for {
@@ -186,33 +210,28 @@ func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
 	req, err := decodeRequest(c)
 	if perr := checkPeer(c); perr != nil {
 		log.Warn("control request refused", "error", perr)
-		ans.Error, ans.Kind = perr.Error(), "refused"
+		ans.Error, ans.Kind = perr.Error(), KindRefused
 		writeAnswer(c, ans)
 		return
 	}
 	if err != nil {
-		ans.Error, ans.Kind = err.Error(), "bad-request"
+		ans.Error, ans.Kind = err.Error(), KindBadRequest
 		writeAnswer(c, ans)
 		return
 	}
 	c.SetReadDeadline(time.Time{})
 	switch req.Cmd {
-	case "status":
+	case CmdStatus:
 		st := ctl.Status()
 		ans.OK, ans.Status = true, &st
-	case "upgrade":
+	case CmdUpgrade:
 		// The client's closing the connection does not cancel the upgrade; it
 		// only stops waiting.
-		var res Result
-		if req.Wait {
-			res, err = ctl.UpgradeAfterDrain(context.Background())
-		} else {
-			res, err = ctl.Upgrade(context.Background())
-		}
+		res, err := ctl.Upgrade(context.Background(), req.Wait)
 		o := NewOutcome(res, err)
 		ans.OK, ans.Upgrade = err == nil, &o
 		if err != nil {
-			ans.Error, ans.Kind = err.Error(), Kind(err)
+			ans.Error, ans.Kind = err.Error(), KindOf(err)
 		}
 	}
 	writeAnswer(c, ans)
@@ -253,7 +272,7 @@ func NewOutcome(res Result, err error) Outcome {
 	if err == nil {
 		return o
 	}
-	o.Error, o.Kind = err.Error(), Kind(err)
+	o.Error, o.Kind = err.Error(), KindOf(err)
 	var exit *ExitError
 	if errors.As(err, &exit) {
 		o.PID, o.ExitStatus, o.Stderr = exit.PID, exit.Status, exit.Stderr
@@ -277,7 +296,7 @@ func Ask(ctx context.Context, path string, req Request) (Answer, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
-		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, err)
+		return ans, fmt.Errorf("%w %s: %w", ErrNoAnswer, path, err)
 	}
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
@@ -287,13 +306,13 @@ func Ask(ctx context.Context, path string, req Request) (Answer, error) {
 	// Even when the write failed, an answer (a refusal) may be waiting.
 	line, err := bufio.NewReaderSize(io.LimitReader(c, MaxMessage), MaxMessage).ReadBytes('\n')
 	if err != nil && werr != nil {
-		return ans, fmt.Errorf("%w %s: %v", ErrNoAnswer, path, werr)
+		return ans, fmt.Errorf("%w %s: %w", ErrNoAnswer, path, werr)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return ans, context.Cause(ctx)
 		}
-		return ans, fmt.Errorf("%w %s: connection closed before an answer: %v", ErrNoAnswer, path, err)
+		return ans, fmt.Errorf("%w %s: connection closed before an answer: %w", ErrNoAnswer, path, err)
 	}
 	if err := json.Unmarshal(line, &ans); err != nil {
 		return ans, fmt.Errorf("decode answer: %w", err)
@@ -301,7 +320,7 @@ func Ask(ctx context.Context, path string, req Request) (Answer, error) {
 	if !ans.OK && ans.Upgrade == nil && ans.Status == nil && ans.Error == "" {
 		return ans, errors.New("empty answer")
 	}
-	if ans.Kind == "refused" || ans.Kind == "bad-request" {
+	if ans.Kind == KindRefused || ans.Kind == KindBadRequest {
 		return ans, errors.New(strings.TrimSpace(ans.Error))
 	}
 	return ans, nil

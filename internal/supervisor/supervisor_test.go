@@ -14,7 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -94,13 +95,13 @@ func startWith(t *testing.T, opts Options) *harness {
 			t.Error("Run did not return after cancel")
 		}
 	})
-	h.waitPhase("serving")
+	h.waitPhase(gate.Serving)
 	return h
 }
 
-func (h *harness) waitPhase(phase string) upgrader.Status {
+func (h *harness) waitPhase(phase gate.Phase) control.Status {
 	h.t.Helper()
-	var st upgrader.Status
+	var st control.Status
 	require.Eventually(h.t, func() bool {
 		st = h.sup.Status()
 		return st.Phase == phase
@@ -112,15 +113,15 @@ func (h *harness) mode(m string) {
 	require.NoError(h.t, os.WriteFile(filepath.Join(h.dir, "mode"), []byte(m), 0o644))
 }
 
-func (h *harness) upgrade() (upgrader.Result, error) {
+func (h *harness) upgrade() (control.Result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return h.sup.UpgradeAfterDrain(ctx)
+	return h.sup.Upgrade(ctx, true)
 }
 
-func serving(st upgrader.Status) int {
+func serving(st control.Status) int {
 	for _, c := range st.Children {
-		if c.Phase == "serving" {
+		if c.Phase == control.ChildServing {
 			return c.PID
 		}
 	}
@@ -138,7 +139,7 @@ func TestUpgradeReplacesChildOnceReady(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotEqual(t, first, res.PID)
 	assert.Equal(t, 2, res.Generation)
-	st := h.waitPhase("serving")
+	st := h.waitPhase(gate.Serving)
 	assert.Equal(t, res.PID, serving(st))
 	assert.Len(t, st.Children, 1, "the old child exited after its SIGTERM")
 	assert.False(t, alive(first))
@@ -159,19 +160,19 @@ func TestBrokenChildrenLeaveTheOldOneServing(t *testing.T) {
 
 	h.mode("fail")
 	_, err := h.upgrade()
-	var exit *upgrader.ExitError
+	var exit *control.ExitError
 	require.ErrorAs(t, err, &exit)
 	assert.Equal(t, 1, exit.Code)
 	assert.Contains(t, exit.Stderr, "boom: config broken")
 
 	h.mode("hang")
 	_, err = h.upgrade()
-	assert.ErrorIs(t, err, upgrader.ErrTimeout)
+	assert.ErrorIs(t, err, control.ErrTimeout)
 
-	st := h.waitPhase("serving")
+	st := h.waitPhase(gate.Serving)
 	assert.Equal(t, first, serving(st), "the first child still serves")
 	assert.Len(t, st.Children, 1, "the broken children are gone")
-	assert.Equal(t, "timeout", st.LastUpgrade.Kind)
+	assert.Equal(t, control.KindTimeout, st.LastUpgrade.Kind)
 
 	h.mode("ok")
 	res, err := h.upgrade()

@@ -13,7 +13,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/tail"
 )
 
 // Environment of a child, after the systemd socket-activation convention.
@@ -35,7 +36,7 @@ type child struct {
 	pid        int
 	generation int
 	started    time.Time
-	phase      string // starting, serving, draining
+	phase      control.ChildPhase
 
 	timedOut bool // killed for not becoming ready in time
 	restart  bool // started to replace a child that died while serving
@@ -43,13 +44,13 @@ type child struct {
 	notify *net.UnixConn
 	output sync.WaitGroup // the stdout and stderr copiers
 
-	tail upgrader.Tail // of its stderr, for a verdict
+	tail tail.Tail // of its stderr, for a verdict
 }
 
 // spawn starts a child with the listeners from fd 3 and its readiness channels;
 // it reports "ready" to events.
 func (s *Supervisor) spawn(generation int) (*child, error) {
-	c := &child{generation: generation, started: time.Now(), phase: "starting"}
+	c := &child{generation: generation, started: time.Now(), phase: control.ChildStarting}
 	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(generation)+".sock")
 	var err error
 	c.notify, err = net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})

@@ -33,12 +33,14 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/coreos/go-systemd/v22/daemon"
-	"github.com/handoff-dev/handoff/upgrader"
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
+	"github.com/handoff-dev/handoff/internal/sdnotify"
 )
 
 // Defaults for the zero values of Options.
 const (
+	DefaultReadyTimeout    = time.Minute
 	DefaultDrainTimeout    = 30 * time.Second
 	DefaultRestartDelay    = 100 * time.Millisecond
 	DefaultMaxRestartDelay = 10 * time.Second
@@ -66,7 +68,7 @@ type Options struct {
 	// {"/proc/self/exe", ShimCommand}. Required.
 	Shim []string
 	// ReadyTimeout is how long a child has to become ready. Zero means
-	// upgrader.DefaultUpgradeTimeout.
+	// DefaultReadyTimeout.
 	ReadyTimeout time.Duration
 	// ReadyDelay, if set, counts a child as ready once it has run this long
 	// without saying so: a weaker guarantee, for programs that cannot notify.
@@ -104,13 +106,13 @@ type event struct {
 }
 
 type request struct {
-	trigger string
+	trigger gate.Trigger
 	wait    bool
 	reply   chan outcome
 }
 
 type outcome struct {
-	res upgrader.Result
+	res control.Result
 	err error
 }
 
@@ -127,8 +129,10 @@ type Supervisor struct {
 	forceC    chan struct{} // closed by Force
 	forceOnce sync.Once
 
+	sd sdnotify.Notifier
+
 	mu       sync.Mutex
-	status   upgrader.Status
+	status   control.Status
 	children map[int]*child
 }
 
@@ -141,7 +145,7 @@ func New(opts Options) (*Supervisor, error) {
 		return nil, errors.New("supervisor: no shim")
 	}
 	if opts.ReadyTimeout <= 0 {
-		opts.ReadyTimeout = upgrader.DefaultUpgradeTimeout
+		opts.ReadyTimeout = DefaultReadyTimeout
 	}
 	if opts.DrainTimeout <= 0 {
 		opts.DrainTimeout = DefaultDrainTimeout
@@ -165,20 +169,21 @@ func New(opts Options) (*Supervisor, error) {
 	return &Supervisor{
 		opts:     opts,
 		log:      log,
+		sd:       sdnotify.Notifier{Log: log},
 		events:   make(chan event),
 		requests: make(chan request),
 		quit:     make(chan struct{}),
 		forceC:   make(chan struct{}),
 		children: make(map[int]*child),
-		status: upgrader.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
-			Phase: "starting", Listeners: listenerInfo(opts.Listeners)},
+		status: control.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
+			Phase: gate.Starting, Listeners: listenerInfo(opts.Listeners)},
 	}, nil
 }
 
-func listenerInfo(ls []Listener) []upgrader.ListenerInfo {
-	var out []upgrader.ListenerInfo
+func listenerInfo(ls []Listener) []control.ListenerInfo {
+	var out []control.ListenerInfo
 	for _, l := range ls {
-		out = append(out, upgrader.ListenerInfo{Network: l.Network, Addr: l.Addr})
+		out = append(out, control.ListenerInfo{Network: l.Network, Addr: l.Addr})
 	}
 	return out
 }
@@ -191,54 +196,49 @@ func (s *Supervisor) send(ev event) {
 }
 
 // Upgrade starts a new child and blocks until it is ready (the old one is then
-// told to stop), exits, or times out. It fails at once with
-// upgrader.ErrUpgradeInProgress while another child is starting, and with
-// upgrader.ErrParentDraining while an old child still drains.
-func (s *Supervisor) Upgrade(ctx context.Context) (upgrader.Result, error) {
-	return s.request(ctx, "api", false)
-}
-
-// UpgradeAfterDrain is Upgrade, except that it waits for a draining old child to
-// exit instead of failing.
-func (s *Supervisor) UpgradeAfterDrain(ctx context.Context) (upgrader.Result, error) {
-	return s.request(ctx, "api", true)
+// told to stop), exits, or times out; ctx bounds only the wait. It fails at
+// once with gate.ErrUpgradeInProgress while another child is starting; while an
+// old child still drains or no child serves, it waits when wait is set and
+// fails (gate.ErrParentDraining, gate.ErrNotReady) otherwise.
+func (s *Supervisor) Upgrade(ctx context.Context, wait bool) (control.Result, error) {
+	return s.request(ctx, gate.API, wait)
 }
 
 // SignalUpgrade is what SIGHUP does: an upgrade, ignored while one runs, queued
 // while an old child drains. It does not wait.
 func (s *Supervisor) SignalUpgrade() {
-	go s.request(context.Background(), "signal", true)
+	go s.request(context.Background(), gate.Signal, true)
 }
 
-func (s *Supervisor) request(ctx context.Context, trigger string, wait bool) (upgrader.Result, error) {
+func (s *Supervisor) request(ctx context.Context, trigger gate.Trigger, wait bool) (control.Result, error) {
 	req := request{trigger: trigger, wait: wait, reply: make(chan outcome, 1)}
 	select {
 	case s.requests <- req:
 	case <-s.quit:
-		return upgrader.Result{}, upgrader.ErrStopping
+		return control.Result{}, gate.ErrStopping
 	case <-ctx.Done():
-		return upgrader.Result{}, context.Cause(ctx)
+		return control.Result{}, context.Cause(ctx)
 	}
 	select {
 	case o := <-req.reply:
 		return o.res, o.err
 	case <-s.quit:
-		return upgrader.Result{}, upgrader.ErrStopping
+		return control.Result{}, gate.ErrStopping
 	case <-ctx.Done():
-		return upgrader.Result{}, context.Cause(ctx)
+		return control.Result{}, context.Cause(ctx)
 	}
 }
 
 // Status describes the supervisor and its children.
-func (s *Supervisor) Status() upgrader.Status {
+func (s *Supervisor) Status() control.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.status
 	st.Children = nil
 	for _, c := range s.children {
-		st.Children = append(st.Children, upgrader.ChildStatus{PID: c.pid, Phase: c.phase, Started: c.started.UTC()})
+		st.Children = append(st.Children, control.ChildStatus{PID: c.pid, Phase: c.phase, Started: c.started.UTC()})
 	}
-	slices.SortFunc(st.Children, func(a, b upgrader.ChildStatus) int { return a.Started.Compare(b.Started) })
+	slices.SortFunc(st.Children, func(a, b control.ChildStatus) int { return a.Started.Compare(b.Started) })
 	return st
 }
 
@@ -264,15 +264,15 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	return s.loop(ctx)
 }
 
-// loop owns the children: events, requests and ctx become its decisions.
+// loop owns the children: events, requests and ctx become its decisions, and
+// the gate decides on upgrade requests.
 func (s *Supervisor) loop(ctx context.Context) error {
+	g := gate.New[request](false)
 	var (
 		generation int
 		current    *child // serving
-		starting   *child // not ready yet
+		starting   *child // not ready yet: an upgrade's new child, or a restart
 		draining   *child // told to stop
-		waiting    []request
-		queued     []request
 		restarts   int
 		restartAt  *time.Timer
 		lastStart  time.Time
@@ -285,7 +285,10 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			return err
 		}
 		c.restart = restart
-		starting, lastStart, attemptAt = c, time.Now(), time.Now()
+		starting, lastStart = c, time.Now()
+		if !restart {
+			attemptAt = lastStart
+		}
 		s.track(c)
 		s.log.Info("child started", "child_pid", c.pid, "generation", generation, "command", s.opts.Command)
 		time.AfterFunc(s.opts.ReadyTimeout, func() { s.send(event{kind: evReadyTimeout, pid: c.pid}) })
@@ -294,57 +297,68 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		}
 		return nil
 	}
+	// answer ends the running attempt with o.
 	answer := func(o outcome) {
-		for _, r := range waiting {
+		for _, r := range g.Done() {
 			r.reply <- o
 		}
-		waiting = nil
 		if o.err != nil {
 			s.setLast(o)
+			s.sd.Failed(o.err)
+		}
+	}
+	begin := func() {
+		s.sd.Reloading()
+		if err := startChild(false); err != nil {
+			answer(outcome{err: err})
+		}
+	}
+	restart := func() {
+		if current != nil || starting != nil {
+			return
+		}
+		if err := startChild(true); err != nil {
+			s.log.Error("cannot restart child", "error", err)
+			restartAt = s.scheduleRestart(&restarts)
 		}
 	}
 	if err := startChild(false); err != nil {
-		return fmt.Errorf("%w: %v", ErrChildFailed, err)
+		return fmt.Errorf("%w: %w", ErrChildFailed, err)
 	}
 	first := true
 
 	for {
-		if starting == nil && draining == nil && current != nil && len(queued) > 0 {
-			waiting, queued = queued, nil
+		if g.Next() {
 			s.log.Info("running queued upgrade")
-			s.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
-			if err := startChild(false); err != nil {
-				answer(outcome{err: err})
-			}
+			begin()
 		}
-		s.setPhase(current, starting, draining)
+		s.setPhase(g.Phase(), current, draining)
 		select {
 		case <-ctx.Done():
 			if restartAt != nil {
 				restartAt.Stop()
 			}
-			return s.stopAll(current, starting, draining, waiting, queued)
+			refused := g.Stop()
+			if g.Attempting() {
+				refused = append(refused, g.Done()...)
+			}
+			s.setPhase(g.Phase(), current, draining)
+			return s.stopAll(current, starting, draining, refused)
 
 		case req := <-s.requests:
 			s.log.Info("upgrade requested", "trigger", req.trigger)
-			switch {
-			case starting != nil:
-				if req.trigger == "signal" {
+			switch d := g.Request(req, req.trigger, req.wait); d.Verdict {
+			case gate.Refuse:
+				if d.Err == gate.ErrUpgradeInProgress && req.trigger == gate.Signal {
 					s.log.Info("upgrade ignored", "reason", "upgrade in progress")
 				}
-				req.reply <- outcome{err: upgrader.ErrUpgradeInProgress}
-			case draining != nil && !req.wait:
-				req.reply <- outcome{err: upgrader.ErrParentDraining}
-			case draining != nil || current == nil:
-				s.log.Info("upgrade queued", "reason", "previous child still draining")
-				queued = append(queued, req)
-			default:
-				waiting = []request{req}
-				s.notify(daemon.SdNotifyReloading + "\n" + daemon.SdNotifyMonotonicUsec())
-				if err := startChild(false); err != nil {
-					answer(outcome{err: err})
-					s.notifyFailed(err)
+				req.reply <- outcome{err: d.Err}
+			case gate.Queue:
+				if !d.Repeat {
+					s.log.Info("upgrade queued", "reason", d.Reason)
 				}
+			case gate.Start:
+				begin()
 			}
 
 		case ev := <-s.events:
@@ -355,28 +369,31 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				}
 				c := starting
 				starting = nil
-				s.setChildPhase(c, "serving")
-				res := upgrader.Result{PID: c.pid, Generation: c.generation, Version: s.opts.Version,
+				s.setChildPhase(c, control.ChildServing)
+				res := control.Result{PID: c.pid, Generation: c.generation, Version: s.opts.Version,
 					Duration: time.Since(attemptAt)}
 				s.log.Info("child ready", "child_pid", c.pid, "how", ev.how, "duration", res.Duration)
 				if old := current; old != nil {
-					s.setChildPhase(old, "draining")
+					s.setChildPhase(old, control.ChildDraining)
 					draining = old
+					g.Draining()
 					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
 					s.reaper.signal(old.pid, s.opts.StopSignal, false)
 					pid := old.pid
 					time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
 				}
 				current = c
-				s.notify(fmt.Sprintf("%s\nSTATUS=serving: child %d", daemon.SdNotifyReady, c.pid))
-				if first {
+				g.Ready()
+				s.sd.Ready(0, fmt.Sprintf("serving: child %d", c.pid))
+				switch {
+				case first:
 					first = false
 					s.log.Info("ready")
-				} else if !c.restart {
+				case !c.restart:
 					s.log.Info("upgrade succeeded", "new_pid", c.pid, "generation", c.generation)
 					s.setLast(outcome{res: res})
+					answer(outcome{res: res})
 				}
-				answer(outcome{res: res})
 
 			case evReadyTimeout:
 				if starting != nil && ev.pid == starting.pid {
@@ -393,12 +410,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 
 			case evRestart:
 				restartAt = nil
-				if current == nil && starting == nil {
-					if err := startChild(true); err != nil {
-						s.log.Error("cannot restart child", "error", err)
-						restartAt = s.scheduleRestart(&restarts)
-					}
-				}
+				restart()
 
 			case evExit:
 				c := s.untrack(ev.pid)
@@ -410,26 +422,35 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				case starting:
 					starting = nil
 					err := exitError(c, ev.status)
-					s.log.Error("upgrade failed", "kind", upgrader.Kind(err), "error", err.Error(), "child_pid", c.pid)
+					s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error(), "child_pid", c.pid)
 					if first {
-						return fmt.Errorf("%w: %v", ErrChildFailed, err)
+						return fmt.Errorf("%w: %w", ErrChildFailed, err)
 					}
 					if c.restart {
 						restartAt = s.scheduleRestart(&restarts)
 						continue
 					}
 					answer(outcome{err: err})
-					s.notifyFailed(err)
+					if current == nil {
+						// The serving child died during this upgrade: never stay
+						// without one.
+						s.log.Error("no child serves: restarting the last good command now")
+						restart()
+					}
 				case draining:
 					draining = nil
+					g.PreviousExited()
 					s.log.Info("old child exited", "child_pid", c.pid, "status", statusString(ev.status))
 				case current:
 					current = nil
+					g.Lost()
 					s.log.Error("child died while serving: restarting it", "child_pid", c.pid,
 						"status", statusString(ev.status), "stderr", c.tail.Lines())
 					if time.Since(lastStart) > 10*time.Second {
 						restarts = 0
 					}
+					// While an upgrade's child starts, its outcome decides: it
+					// serves, or the restart happens when it fails.
 					restartAt = s.scheduleRestart(&restarts)
 				}
 			}
@@ -446,11 +467,11 @@ func (s *Supervisor) scheduleRestart(restarts *int) *time.Timer {
 }
 
 // stopAll stops every child gracefully and waits for them.
-func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued []request) error {
-	for _, r := range append(waiting, queued...) {
-		r.reply <- outcome{err: upgrader.ErrStopping}
+func (s *Supervisor) stopAll(current, starting, draining *child, refused []request) error {
+	for _, r := range refused {
+		r.reply <- outcome{err: gate.ErrStopping}
 	}
-	s.notify(daemon.SdNotifyStopping)
+	s.sd.Stopping()
 	if starting != nil {
 		s.reaper.signal(starting.pid, syscall.SIGKILL, true)
 	}
@@ -490,7 +511,7 @@ func (s *Supervisor) stopAll(current, starting, draining *child, waiting, queued
 		}
 	}
 	if len(failed) > 0 {
-		return fmt.Errorf("%w: %v", ErrChildFailed, failed)
+		return fmt.Errorf("%w: %s", ErrChildFailed, strings.Join(failed, ", "))
 	}
 	return nil
 }
@@ -507,13 +528,13 @@ func (s *Supervisor) killAll(why string) {
 
 func exitError(c *child, ws syscall.WaitStatus) error {
 	if c.timedOut {
-		return &upgrader.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
+		return &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
 	}
 	code := -1
 	if ws.Exited() {
 		code = ws.ExitStatus()
 	}
-	return &upgrader.ExitError{PID: c.pid, Status: statusString(ws), Code: code, Stderr: c.tail.Lines()}
+	return &control.ExitError{PID: c.pid, Status: statusString(ws), Code: code, Stderr: c.tail.Lines()}
 }
 
 func statusString(ws syscall.WaitStatus) string {
@@ -526,7 +547,7 @@ func statusString(ws syscall.WaitStatus) string {
 	return fmt.Sprintf("wait status %d", ws)
 }
 
-func (s *Supervisor) setChildPhase(c *child, phase string) {
+func (s *Supervisor) setChildPhase(c *child, phase control.ChildPhase) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c.phase = phase
@@ -552,21 +573,12 @@ func (s *Supervisor) tracked() int {
 	return len(s.children)
 }
 
-func (s *Supervisor) setPhase(current, starting, draining *child) {
+func (s *Supervisor) setPhase(phase gate.Phase, current, draining *child) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	switch {
-	case starting != nil && current != nil:
-		s.status.Phase = "upgrading"
-	case starting != nil:
-		s.status.Phase = "starting"
-	case draining != nil:
-		s.status.Phase, s.status.PreviousPID = "draining-previous", draining.pid
-	case current != nil:
-		s.status.Phase = "serving"
-	}
-	if draining == nil {
-		s.status.PreviousPID = 0
+	s.status.Phase, s.status.PreviousPID = phase, 0
+	if draining != nil {
+		s.status.PreviousPID = draining.pid
 	}
 	if current != nil {
 		s.status.Generation = current.generation
@@ -574,23 +586,10 @@ func (s *Supervisor) setPhase(current, starting, draining *child) {
 }
 
 func (s *Supervisor) setLast(o outcome) {
-	res := upgrader.NewOutcome(o.res, o.err)
+	res := control.NewOutcome(o.res, o.err)
 	s.mu.Lock()
 	s.status.LastUpgrade = &res
 	s.mu.Unlock()
-}
-
-// notify tells systemd, when handoff run is a systemd service: its PID is
-// stable, so MAINPID never changes.
-func (s *Supervisor) notify(state string) {
-	if _, err := daemon.SdNotify(false, state); err != nil {
-		s.log.Warn("cannot notify systemd", "error", err)
-	}
-}
-
-func (s *Supervisor) notifyFailed(err error) {
-	s.notify("STATUS=upgrade failed: " + strings.ReplaceAll(err.Error(), "\n", " "))
-	s.notify(daemon.SdNotifyReady)
 }
 
 // Force makes a stop in progress kill the children at once instead of waiting
@@ -605,7 +604,7 @@ func (s *Supervisor) Signal(sig syscall.Signal) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, c := range s.children {
-		if c.phase == "serving" {
+		if c.phase == control.ChildServing {
 			s.reaper.signal(c.pid, sig, false)
 		}
 	}

@@ -1,9 +1,10 @@
-package upgrader
+package control
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -13,6 +14,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/handoff-dev/handoff/internal/gate"
 )
 
 func TestDecodeRequest(t *testing.T) {
@@ -56,7 +59,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if req.V != ProtocolVersion || (req.Cmd != "status" && req.Cmd != "upgrade") {
+		if req.V != ProtocolVersion || (req.Cmd != CmdStatus && req.Cmd != CmdUpgrade) {
 			t.Fatalf("accepted an invalid request %+v from %q", req, in)
 		}
 		b, _ := json.Marshal(req)
@@ -67,19 +70,26 @@ func FuzzDecodeRequest(f *testing.F) {
 	})
 }
 
-// A control socket served by a bare Upgrader (no tableflip needed for status and
-// the refusals): malformed and oversized input get an error answer, and the
+type fakeController struct{ st Status }
+
+var _ Controller = fakeController{}
+
+func (f fakeController) Status() Status { return f.st }
+func (f fakeController) Upgrade(ctx context.Context, wait bool) (Result, error) {
+	return Result{}, errors.New("not here")
+}
+
+// A control socket served for a fake controller: malformed and oversized input get an error answer, and the
 // socket goes on answering.
 func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "ctl.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	require.NoError(t, err)
-	u := &Upgrader{opts: Options{Version: "v-test"}, generation: 7, started: time.Now(),
-		readyC: closedChan(), parentC: closedChan(), stopC: make(chan struct{}), log: slog.New(slog.DiscardHandler)}
+	ctl := fakeController{Status{Generation: 7, Version: "v-test", Phase: gate.Serving}}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		ServeControl(ln, u, u.log)
+		Serve(ln, ctl, slog.New(slog.DiscardHandler))
 	}()
 	t.Cleanup(func() {
 		ln.Close()
@@ -96,25 +106,19 @@ func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {
 		require.NoError(t, json.NewDecoder(c).Decode(&ans))
 		c.Close()
 		assert.False(t, ans.OK)
-		assert.Equal(t, "bad-request", ans.Kind)
+		assert.Equal(t, KindBadRequest, ans.Kind)
 		assert.NotEmpty(t, ans.Error)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	ans, err := Ask(ctx, path, Request{Cmd: "status"})
+	ans, err := Ask(ctx, path, Request{Cmd: CmdStatus})
 	require.NoError(t, err)
 	require.True(t, ans.OK)
 	assert.Equal(t, 7, ans.Status.Generation)
 	assert.Equal(t, "v-test", ans.Status.Version)
-	assert.Equal(t, "serving", ans.Status.Phase)
+	assert.Equal(t, gate.Serving, ans.Status.Phase)
 
-	_, err = Ask(ctx, filepath.Join(t.TempDir(), "none.sock"), Request{Cmd: "status"})
+	_, err = Ask(ctx, filepath.Join(t.TempDir(), "none.sock"), Request{Cmd: CmdStatus})
 	assert.ErrorIs(t, err, ErrNoAnswer)
-}
-
-func closedChan() chan struct{} {
-	c := make(chan struct{})
-	close(c)
-	return c
 }

@@ -29,11 +29,21 @@ const channelName = "handoff-channel"
 // maxMessage bounds a datagram on the channel.
 const maxMessage = 4096
 
+// The messages on the channel. Each is one JSON datagram; Type is empty in the
+// hello and the report, as binaries before the "started" and "abort" messages
+// sent them, so that a generation of either kind understands the other.
+const (
+	msgStarted = "started" // child to parent, at New: its PID, before anything else
+	msgAbort   = "abort"   // parent to child: given up on; stop and drain what you accepted
+)
+
 type hello struct {
-	Generation int `json:"generation"`
+	Type       string `json:"type,omitempty"`
+	Generation int    `json:"generation"`
 }
 
 type report struct {
+	Type       string `json:"type,omitempty"`
 	PID        int    `json:"pid"`
 	Version    string `json:"version"`
 	Generation int    `json:"generation"`
@@ -82,6 +92,37 @@ func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 		return nil, hello{}, fmt.Errorf("decode hello from parent: %w", err)
 	}
 	return &parentChannel{conn: conn}, h, nil
+}
+
+// sendStarted tells the parent this process's PID and that it understands an
+// abort message.
+func (p *parentChannel) sendStarted() error {
+	b, _ := json.Marshal(report{Type: msgStarted, PID: os.Getpid()})
+	_, err := p.conn.Write(b)
+	return err
+}
+
+// watch calls onAbort when the parent gives up on this process; it returns
+// when the channel is closed (at Ready, by sendReport).
+func (p *parentChannel) watch(onAbort func()) {
+	buf := make([]byte, maxMessage)
+	for {
+		n, err := p.conn.Read(buf)
+		if err != nil {
+			return
+		}
+		var h hello
+		if json.Unmarshal(buf[:n], &h) == nil && h.Type == msgAbort {
+			onAbort()
+		}
+	}
+}
+
+// close ends watch; it may be called more than once.
+func (p *parentChannel) close() {
+	if p != nil {
+		p.conn.Close()
+	}
 }
 
 func (p *parentChannel) sendReport(r report) error {
@@ -145,20 +186,67 @@ func (c *childChannel) prepare(h hello) error {
 	return err
 }
 
-// readReport waits up to timeout for the new generation's report.
+// readReport waits up to timeout for the new generation's report, skipping its
+// started message.
 func (c *childChannel) readReport(timeout time.Duration) (report, error) {
-	var r report
 	buf := make([]byte, maxMessage)
 	c.mine.SetReadDeadline(time.Now().Add(timeout))
 	defer c.mine.SetReadDeadline(time.Time{})
-	n, err := c.mine.Read(buf)
+	for {
+		var r report
+		n, err := c.mine.Read(buf)
+		if err != nil {
+			return r, fmt.Errorf("read report from new generation: %w", err)
+		}
+		if err := json.Unmarshal(buf[:n], &r); err != nil {
+			return r, fmt.Errorf("decode report from new generation: %w", err)
+		}
+		if r.Type != msgStarted {
+			return r, nil
+		}
+	}
+}
+
+// started returns the PID the new generation sent at its start, or 0 if it sent
+// none (yet, or at all: a program that is not built on this package). It does
+// not wait.
+func (c *childChannel) started() int {
+	buf := make([]byte, maxMessage)
+	c.mine.SetReadDeadline(time.Now())
+	defer c.mine.SetReadDeadline(time.Time{})
+	pid := 0
+	for {
+		n, err := c.mine.Read(buf)
+		if err != nil {
+			return pid
+		}
+		var r report
+		if json.Unmarshal(buf[:n], &r) == nil && r.Type == msgStarted {
+			pid = r.PID
+		}
+	}
+}
+
+// abort tells the new generation that it was given up on.
+func (c *childChannel) abort() error {
+	b, _ := json.Marshal(hello{Type: msgAbort})
+	_, err := c.mine.Write(b)
+	return err
+}
+
+// theirsLink is what /proc/PID/fd/N reads for the children's end of the
+// channel, "socket:[INODE]": every process that holds it descends from a child
+// this generation started (see killHolders).
+func (c *childChannel) theirsLink() string {
+	raw, err := c.theirs.SyscallConn()
 	if err != nil {
-		return r, fmt.Errorf("read report from new generation: %w", err)
+		return ""
 	}
-	if err := json.Unmarshal(buf[:n], &r); err != nil {
-		return r, fmt.Errorf("decode report from new generation: %w", err)
+	var st unix.Stat_t
+	if cerr := raw.Control(func(fd uintptr) { err = unix.Fstat(int(fd), &st) }); cerr != nil || err != nil {
+		return ""
 	}
-	return r, nil
+	return fmt.Sprintf("socket:[%d]", st.Ino)
 }
 
 func (c *childChannel) Close() {

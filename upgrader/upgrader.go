@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cloudflare/tableflip"
+	"golang.org/x/sys/unix"
 
 	"github.com/handoff-dev/handoff/internal/control"
 	"github.com/handoff-dev/handoff/internal/gate"
@@ -30,6 +31,10 @@ import (
 // Options.UpgradeTimeout is zero.
 const DefaultUpgradeTimeout = time.Minute
 
+// DefaultAbortTimeout is how long a new process that was given up on may take
+// to stop when Options.AbortTimeout is zero.
+const DefaultAbortTimeout = 30 * time.Second
+
 // reportTimeout bounds the wait for a ready child's report; it was sent before
 // the child signalled readiness, so it is normally there already.
 const reportTimeout = 2 * time.Second
@@ -42,8 +47,16 @@ type Options struct {
 	// directory. New fails with ErrPIDFile if its directory is not writable.
 	PIDFile string
 	// UpgradeTimeout is how long a new process has to call Ready before it is
-	// killed and the upgrade fails with ErrTimeout. Zero means DefaultUpgradeTimeout.
+	// given up on and the upgrade fails with ErrTimeout. Zero means
+	// DefaultUpgradeTimeout.
 	UpgradeTimeout time.Duration
+	// AbortTimeout is how long a new process that was given up on (not ready
+	// within UpgradeTimeout, or a Stop during the upgrade) may take to stop: it
+	// is told to, and may have accepted connections, which it drains like any
+	// stopping generation. Then it is killed. A new process not built on this
+	// package cannot be told, and is killed at once. Zero means
+	// DefaultAbortTimeout.
+	AbortTimeout time.Duration
 	// Version is this binary's version, reported to the previous generation and
 	// logged. Empty means "dev".
 	Version string
@@ -87,6 +100,9 @@ type Upgrader struct {
 
 	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
 
+	abortC    chan struct{} // closed at Stop: a running attempt gives up
+	finishing chan struct{} // closed when an attempt that outlived the run loop ended
+
 	started   time.Time
 	activated []activated            // from systemd, at first start, until claimed
 	control   *net.UnixListener      // nil without Options.ControlPath
@@ -96,6 +112,9 @@ type Upgrader struct {
 	sd        sdnotify.Notifier
 
 	mu           sync.Mutex
+	readyBegun   bool     // Ready is under way: a parent's abort comes too late
+	aborted      bool     // the parent gave up on this generation before Ready
+	created      []string // Unix socket paths this generation bound itself
 	handedTo     *Result
 	last         *control.Outcome
 	children     *childChannel // made at the first upgrade
@@ -121,6 +140,9 @@ func New(opts Options) (*Upgrader, error) {
 	if opts.UpgradeTimeout <= 0 {
 		opts.UpgradeTimeout = DefaultUpgradeTimeout
 	}
+	if opts.AbortTimeout <= 0 {
+		opts.AbortTimeout = DefaultAbortTimeout
+	}
 	if opts.Version == "" {
 		opts.Version = "dev"
 	}
@@ -143,7 +165,9 @@ func New(opts Options) (*Upgrader, error) {
 
 	// tableflip execs os.Args[0]; make it the path resolved now.
 	os.Args[0] = binary
-	tf, err := tableflip.New(tableflip.Options{UpgradeTimeout: opts.UpgradeTimeout})
+	// Our own timer gives a new process up at UpgradeTimeout (see waitReady);
+	// tableflip's, later, is only the backstop for one that cannot be found.
+	tf, err := tableflip.New(tableflip.Options{UpgradeTimeout: opts.UpgradeTimeout + opts.AbortTimeout + backstop})
 	if err != nil {
 		return nil, fmt.Errorf("start upgrader: %w", err)
 	}
@@ -151,7 +175,7 @@ func New(opts Options) (*Upgrader, error) {
 	var fromSystemd []activated
 	if !tf.HasParent() {
 		if fromSystemd, err = takeActivated(); err != nil {
-			tf.Stop()
+			abandonTableflip(tf)
 			return nil, err
 		}
 	}
@@ -167,12 +191,13 @@ func New(opts Options) (*Upgrader, error) {
 		stopC:      make(chan struct{}),
 		forcedC:    make(chan struct{}),
 		doneC:      make(chan struct{}),
+		abortC:     make(chan struct{}),
 		started:    time.Now(),
 		activated:  fromSystemd,
 	}
 	parent, h, err := claimParentChannel(tf)
 	if err != nil {
-		tf.Stop()
+		abandonTableflip(tf)
 		return nil, err
 	}
 	if parent != nil {
@@ -185,6 +210,13 @@ func New(opts Options) (*Upgrader, error) {
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
 	u.sd = sdnotify.Notifier{Log: u.log}
 	u.phase.Store(gate.Starting)
+	if u.parent != nil {
+		if err := u.parent.sendStarted(); err != nil {
+			u.log.Warn("cannot tell the previous generation this one started", "error", err)
+		} else {
+			go u.parent.watch(u.abandoned)
+		}
+	}
 	if os.Getpid() == 1 {
 		u.log.Warn("running as PID 1: after a handoff this process exits and the container ends with it; " +
 			"run under an init (docker run --init, tini) or under `handoff run`")
@@ -194,7 +226,7 @@ func New(opts Options) (*Upgrader, error) {
 	}
 	if opts.ControlPath != "" {
 		if u.control, err = u.listenControl(opts.ControlPath); err != nil {
-			tf.Stop()
+			abandonTableflip(tf)
 			return nil, fmt.Errorf("%w %s: %w", ErrControlSocket, opts.ControlPath, err)
 		}
 		u.accepting = make(chan struct{})
@@ -216,6 +248,15 @@ func New(opts Options) (*Upgrader, error) {
 	}
 	go u.run()
 	return u, nil
+}
+
+// abandonTableflip ends tableflip when New fails. A new generation that fails
+// there must not let tableflip stop: it would unlink the Unix socket paths the
+// previous generation serves on (see stopTableflip).
+func abandonTableflip(tf *tableflip.Upgrader) {
+	if !tf.HasParent() {
+		tf.Stop()
+	}
 }
 
 // Generation is 1 for the first process and one more for each upgrade since.
@@ -263,6 +304,11 @@ func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %s: %w", network, addr, err)
+	}
+	if network == "unix" {
+		u.mu.Lock()
+		u.created = append(u.created, addr)
+		u.mu.Unlock()
 	}
 	return ln, nil
 }
@@ -318,6 +364,14 @@ func (u *Upgrader) ListenPacket(network, addr string) (net.PacketConn, error) {
 func (u *Upgrader) Ready() error {
 	var err error
 	u.readyOnce.Do(func() {
+		u.mu.Lock()
+		aborted := u.aborted
+		u.readyBegun = true
+		u.mu.Unlock()
+		if aborted {
+			err = fmt.Errorf("previous generation gave up waiting for this one: %w", ErrStopping)
+			return
+		}
 		if u.opts.PIDFile != "" {
 			if err = pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
 				return
@@ -463,16 +517,26 @@ func (u *Upgrader) run() {
 				return
 			}
 		case <-u.stopC:
+			// The drain starts now, whatever runs: a running attempt is told
+			// to give up, and ends on its own (Close waits for it).
 			reply(g.Stop(), outcome{err: ErrStopping})
-			if attempt != nil {
-				// tableflip kills the child and answers "terminating", unless the
-				// child became ready at that very moment: it then serves.
-				o := <-attempt
-				reply(g.Done(), o)
-				if u.settle(o) {
-					g.HandOff()
-				}
+			close(u.abortC)
+			if attempt == nil {
+				u.stopTableflip()
+				return
 			}
+			waiting := g.Done()
+			u.finishing = make(chan struct{})
+			go func(c chan outcome) {
+				defer close(u.finishing)
+				o := <-c
+				reply(waiting, o)
+				// Unless the new process became ready at that very moment
+				// (it then serves), this is a final stop.
+				if !u.settle(o) {
+					u.stopTableflip()
+				}
+			}(attempt)
 			return
 		}
 	}
@@ -518,6 +582,9 @@ func (u *Upgrader) attempt() (o outcome) {
 	if err := u.preflight(); err != nil {
 		return outcome{err: err}
 	}
+	if isClosed(u.abortC) {
+		return outcome{err: ErrStopping}
+	}
 	ch, err := u.childChannel()
 	if err != nil {
 		return outcome{err: err}
@@ -530,7 +597,13 @@ func (u *Upgrader) attempt() (o outcome) {
 	if err != nil {
 		return outcome{err: err}
 	}
-	err = u.tableflipUpgrade()
+	err = u.waitReady(ch)
+	if err != nil {
+		// What the new process left behind (a wrapper's forked children).
+		if pids := killHolders(ch.theirsLink(), unix.SIGKILL); len(pids) > 0 {
+			u.log.Warn("killed what the failed new process left running", "pids", pids)
+		}
+	}
 	lines := tee.stop(err != nil)
 	if err != nil {
 		return outcome{err: withStderr(err, lines)}
@@ -542,6 +615,61 @@ func (u *Upgrader) attempt() (o outcome) {
 		res.PID, res.Version = r.PID, r.Version
 	}
 	return outcome{res: res}
+}
+
+// backstop is how much longer than UpgradeTimeout+AbortTimeout tableflip waits
+// before it kills a new process that waitReady could not find.
+const backstop = 5 * time.Second
+
+// waitReady runs tableflip's Upgrade until the new process is ready or exits.
+// At UpgradeTimeout, or when the attempt is abandoned by Stop, the new process
+// is given up on: one that said it started (it is built on this package) is
+// told to stop and drains what it accepted, for up to AbortTimeout; anything
+// else is killed. If it becomes ready meanwhile, it serves.
+func (u *Upgrader) waitReady(ch *childChannel) error {
+	res := make(chan error, 1)
+	go func() { res <- u.tableflipUpgrade() }()
+	timer := time.NewTimer(u.opts.UpgradeTimeout)
+	defer timer.Stop()
+	var why error
+	select {
+	case err := <-res:
+		return err
+	case <-timer.C:
+		why = ErrTimeout
+	case <-u.abortC:
+		why = ErrStopping
+	}
+	link := ch.theirsLink()
+	pid := ch.started()
+	if pid != 0 && ch.abort() == nil {
+		u.log.Warn("giving up on the new process: it stops and drains what it accepted", "new_pid", pid,
+			"reason", why.Error(), "timeout", u.opts.AbortTimeout)
+		select {
+		case err := <-res:
+			return gaveUp(err, why, pid)
+		case <-time.After(u.opts.AbortTimeout):
+			u.log.Warn("the new process did not stop in time: killing it", "new_pid", pid)
+		}
+	}
+	killHolders(link, unix.SIGKILL)
+	return gaveUp(<-res, why, pid)
+}
+
+// gaveUp is the outcome of an attempt given up on for why: err is tableflip's
+// answer once the new process (pid, if known) ended.
+func gaveUp(err, why error, pid int) error {
+	if err == nil {
+		return nil // it became ready at the last moment, and serves
+	}
+	var exit *ExitError
+	if errors.As(err, &exit) {
+		pid = exit.PID
+	}
+	if why == ErrTimeout {
+		return &TimeoutError{PID: pid}
+	}
+	return ErrStopping
 }
 
 // tableflipUpgrade calls tableflip's Upgrade. Our run loop starts an upgrade only
@@ -580,6 +708,13 @@ func (u *Upgrader) preflight() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), u.opts.UpgradeTimeout)
 	defer cancel()
+	go func() {
+		select {
+		case <-u.abortC:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	u.log.Info("preflight", "binary", u.binary, "args", u.opts.Preflight)
 	cmd := exec.CommandContext(ctx, u.binary, u.opts.Preflight...)
 	cmd.Dir = filepath.Dir(u.binary)
@@ -592,6 +727,9 @@ func (u *Upgrader) preflight() error {
 		lines = lines[len(lines)-tail.MaxLines:]
 	}
 	status := err.Error()
+	if isClosed(u.abortC) {
+		return ErrStopping
+	}
 	if ctx.Err() != nil {
 		status = "timed out after " + u.opts.UpgradeTimeout.String()
 	}
@@ -732,17 +870,52 @@ func (u *Upgrader) signalUpgrade() {
 	_, _ = u.request(context.Background(), gate.Signal, true)
 }
 
-// Stop ends upgrades: a running one is abandoned (its process killed), and Done
-// is closed. The listeners stay open for the drain; Unix socket files are removed
-// unless a new generation took over.
+// Stop ends upgrades and closes Done at once, so that the drain can start: a
+// running upgrade is given up on (see Options.AbortTimeout) and ends on its
+// own; Close waits for it. The listeners stay open for the drain. On a final
+// stop, Unix socket files are removed and systemd hears STOPPING=1; a new
+// generation that never became ready does neither, since its previous
+// generation still serves on those sockets.
 func (u *Upgrader) Stop() {
 	u.stopOnce.Do(func() {
-		if u.HandedOff() == nil {
+		if u.HandedOff() == nil && (isClosed(u.readyC) || !u.tf.HasParent()) {
 			u.sd.Stopping()
 		}
 		close(u.stopC)
-		u.tf.Stop()
 	})
+}
+
+// stopTableflip ends tableflip. A generation started by an upgrade that never
+// became ready must not let tableflip stop: its Stop unlinks every Unix socket
+// path in use, and the previous generation still serves on them. Its copies
+// close when it exits; only the socket files it bound itself are removed.
+func (u *Upgrader) stopTableflip() {
+	if u.tf.HasParent() && !isClosed(u.readyC) {
+		u.mu.Lock()
+		created := u.created
+		u.mu.Unlock()
+		for _, path := range created {
+			if !strings.HasPrefix(path, "@") {
+				os.Remove(path)
+			}
+		}
+		return
+	}
+	u.tf.Stop()
+}
+
+// abandoned is called when the previous generation gives up on this one
+// before it is ready: it stops, and drains what it accepted.
+func (u *Upgrader) abandoned() {
+	u.mu.Lock()
+	late := u.readyBegun
+	u.aborted = !late
+	u.mu.Unlock()
+	if late {
+		return // Ready is under way: the previous generation will see it
+	}
+	u.log.Warn("the previous generation gave up waiting for this one: stopping")
+	u.Stop()
 }
 
 // Close releases the generation: it stops signal handling, ends the upgrade loop
@@ -759,12 +932,16 @@ func (u *Upgrader) Close() error {
 		u.mu.Unlock()
 		u.Stop()
 		<-u.doneC
+		if u.finishing != nil {
+			<-u.finishing // the abandoned attempt's verdict, and tableflip's stop
+		}
 		if u.accepting != nil && isClosed(u.readyC) {
 			// The run loop closed the control socket; the answers still being
 			// given (the verdict of the upgrade that ended this generation, say)
 			// are written before this returns.
 			<-u.accepting
 		}
+		u.parent.close()
 		u.mu.Lock()
 		u.children.Close()
 		handed := u.handedTo != nil

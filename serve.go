@@ -1,0 +1,148 @@
+// serve.go holds handoff serve, the reference server on package upgrader, and --check.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/handoff-dev/handoff/internal/sockaddr"
+	"github.com/handoff-dev/handoff/server"
+	"github.com/handoff-dev/handoff/upgrader"
+)
+
+// serveCmd is handoff serve: serve the reference application until a stop, or
+// until a new process has taken over after an upgrade, then drain.
+func serveCmd(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var listen listFlag
+	fs.Var(&listen, "listen", "address to serve on, host:port or unix:/path; repeatable (default 127.0.0.1:8080)")
+	pidFile := fs.String("pidfile", "", "write the serving process's PID here")
+	upgradeTimeout := fs.Duration("upgrade-timeout", upgrader.DefaultUpgradeTimeout, "how long a new process has to become ready")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long the old process may take to finish its requests")
+	logFormat := fs.String("log-format", "text", "text or json")
+	controlPath := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
+	preflight := fs.Bool("preflight", false, "before an upgrade, run the new binary with these flags and --check; a failure stops the upgrade")
+	check := fs.Bool("check", false, "check the flags and what they name, print the verdict and exit (0 when fine)")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		return fail(stderr, exitUsage, "handoff serve: unexpected argument %q", fs.Arg(0))
+	}
+	if *upgradeTimeout <= 0 || *drainTimeout <= 0 {
+		return fail(stderr, exitUsage, "handoff serve: --upgrade-timeout and --drain-timeout must be positive")
+	}
+	base, err := newLogger(*logFormat, stderr)
+	if err != nil {
+		return fail(stderr, exitUsage, "handoff serve: %v", err)
+	}
+	if len(listen) == 0 {
+		listen = listFlag{defaultListen}
+	}
+	srv := &server.Server{Handler: newMux()}
+	opts := upgrader.Options{
+		PIDFile:        *pidFile,
+		UpgradeTimeout: *upgradeTimeout,
+		Version:        version,
+		ControlPath:    defaultControl(*controlPath, *pidFile),
+		InFlight:       srv.InFlight,
+	}
+	if *preflight {
+		opts.Preflight = append(append([]string{"serve"}, args...), "--check")
+	}
+	if *check {
+		return checkServe(opts, listen, stderr)
+	}
+
+	opts.Logger = base
+	upg, err := upgrader.New(opts)
+	if err != nil {
+		code := exitFailure
+		switch {
+		case errors.Is(err, upgrader.ErrPIDFile):
+			code = exitPIDFile
+		case errors.Is(err, upgrader.ErrControlSocket):
+			code = exitListen
+		}
+		return fail(stderr, code, "handoff serve: %v", err)
+	}
+	defer upg.Close()
+	upg.HandleSignals()
+	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
+
+	srv.Logger = log
+	serveErr := make(chan error, len(listen))
+	for _, spec := range listen {
+		network, addr := sockaddr.Split(spec)
+		ln, err := upg.Listen(network, addr)
+		if err != nil {
+			return fail(stderr, exitListen, "handoff serve: cannot %v", err)
+		}
+		log.Info("listening", "network", network, "addr", ln.Addr().String())
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+	if err := upg.Ready(); err != nil {
+		code := exitFailure
+		if errors.Is(err, upgrader.ErrPIDFile) {
+			code = exitPIDFile
+		}
+		return fail(stderr, code, "handoff serve: %v", err)
+	}
+
+	code := exitOK
+	select {
+	case <-upg.Done():
+	case err := <-serveErr:
+		log.Error("serving failed", "error", err)
+		upg.Stop()
+		code = exitFailure
+	}
+	reason := "stop"
+	if upg.HandedOff() != nil {
+		reason = "upgrade"
+	}
+	log.Info("draining", "reason", reason, "in_flight", srv.InFlight(), "timeout", *drainTimeout)
+	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
+	defer cancel()
+	rep, err := srv.Drain(ctx)
+	level := slog.LevelInfo
+	if err != nil {
+		level = slog.LevelWarn
+	}
+	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
+		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut,
+		"duration", rep.Duration, "cause", errString(err))
+	return code
+}
+
+// checkServe is --check: what serve would need, without binding or writing.
+func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
+	const prefix = "handoff serve --check: "
+	for _, spec := range listen {
+		network, addr := sockaddr.Split(spec)
+		if network == "unix" {
+			if fi, err := os.Stat(filepath.Dir(addr)); err != nil || !fi.IsDir() {
+				return fail(stderr, exitListen, prefix+"--listen %s: directory %s does not exist", spec, filepath.Dir(addr))
+			}
+		} else if _, err := net.ResolveTCPAddr(network, addr); err != nil {
+			return fail(stderr, exitListen, prefix+"--listen %s: %v", spec, err)
+		}
+	}
+	if err := upgrader.Check(opts); err != nil {
+		if errors.Is(err, upgrader.ErrPIDFile) {
+			return fail(stderr, exitPIDFile, prefix+"%v", err)
+		}
+		return fail(stderr, exitFailure, prefix+"%v", err)
+	}
+	fmt.Fprintf(stderr, prefix+"ok (version %s)\n", version)
+	return exitOK
+}

@@ -107,7 +107,13 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 	pid, err := s.reaper.start(argv, &os.ProcAttr{
 		Env:   env,
 		Files: files,
-		Sys:   &syscall.SysProcAttr{Setpgid: true},
+		// Its own process group, so that what it leaves behind goes with it;
+		// and its stop signal if this process dies (kill -9 of handoff run),
+		// so that it drains and exits rather than serving on, orphaned, on a
+		// port the next handoff run needs. (The signal is tied to the thread
+		// that forks; Go does not end its threads, and LockOSThread is never
+		// used here.)
+		Sys: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: s.opts.StopSignal},
 	}, func(pid int, status syscall.WaitStatus) {
 		// What it left behind in its process group goes with it (the group
 		// outlives its leader while members remain, so the id is not reused).

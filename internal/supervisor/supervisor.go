@@ -374,13 +374,10 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					Duration: time.Since(attemptAt)}
 				s.log.Info("child ready", "child_pid", c.pid, "how", ev.how, "duration", res.Duration)
 				if old := current; old != nil {
-					s.setChildPhase(old, control.ChildDraining)
+					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
+					s.stopChild(old)
 					draining = old
 					g.Draining()
-					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
-					s.reaper.signal(old.pid, s.opts.StopSignal, false)
-					pid := old.pid
-					time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
 				}
 				current = c
 				g.Ready()
@@ -396,10 +393,29 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				}
 
 			case evReadyTimeout:
-				if starting != nil && ev.pid == starting.pid {
-					starting.timedOut = true
-					s.log.Warn("child not ready in time: killing it", "child_pid", ev.pid, "timeout", s.opts.ReadyTimeout)
-					s.reaper.signal(ev.pid, syscall.SIGKILL, true)
+				if starting == nil || ev.pid != starting.pid {
+					continue
+				}
+				// It may have accepted connections: it is stopped like an old
+				// child (stop signal, drain, SIGKILL at the drain deadline), and
+				// the verdict is given now.
+				c := starting
+				starting, c.timedOut = nil, true
+				err := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
+				s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error(), "child_pid", c.pid,
+					"signal", s.opts.StopSignal.String())
+				s.stopChild(c)
+				draining = c
+				g.Draining()
+				if first {
+					s.reaper.signal(c.pid, syscall.SIGKILL, true)
+					return fmt.Errorf("%w: %w", ErrChildFailed, err)
+				}
+				if !c.restart {
+					answer(outcome{err: err})
+				}
+				if current == nil {
+					restart()
 				}
 
 			case evDrainTimeout:
@@ -458,6 +474,14 @@ func (s *Supervisor) loop(ctx context.Context) error {
 	}
 }
 
+// stopChild sends c its stop signal and arms the drain deadline.
+func (s *Supervisor) stopChild(c *child) {
+	s.setChildPhase(c, control.ChildDraining)
+	s.reaper.signal(c.pid, s.opts.StopSignal, false)
+	pid := c.pid
+	time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
+}
+
 func (s *Supervisor) scheduleRestart(restarts *int) *time.Timer {
 	delay := DefaultRestartDelay << min(*restarts, 10)
 	delay = min(delay, DefaultMaxRestartDelay)
@@ -472,10 +496,9 @@ func (s *Supervisor) stopAll(current, starting, draining *child, refused []reque
 		r.reply <- outcome{err: gate.ErrStopping}
 	}
 	s.sd.Stopping()
-	if starting != nil {
-		s.reaper.signal(starting.pid, syscall.SIGKILL, true)
-	}
-	for _, c := range []*child{current, draining} {
+	// Every child may have accepted connections, a starting one too: each gets
+	// its stop signal and drains.
+	for _, c := range []*child{current, starting, draining} {
 		if c != nil {
 			s.log.Info("stopping child", "child_pid", c.pid, "signal", s.opts.StopSignal.String())
 			s.reaper.signal(c.pid, s.opts.StopSignal, false)
@@ -485,6 +508,7 @@ func (s *Supervisor) stopAll(current, starting, draining *child, refused []reque
 	defer deadline.Stop()
 	force := s.forceC
 	var failed []string
+	killed := false
 	for s.tracked() > 0 {
 		select {
 		case ev := <-s.events:
@@ -498,15 +522,19 @@ func (s *Supervisor) stopAll(current, starting, draining *child, refused []reque
 			c.close()
 			st := statusString(ev.status)
 			s.log.Info("child exited", "child_pid", c.pid, "status", st)
+			// A drain cut at the deadline (or by a second signal) is still a
+			// clean stop, as for handoff serve; a child that failed on its
+			// own is not.
 			clean := ev.status.Exited() && ev.status.ExitStatus() == 0 ||
-				ev.status.Signaled() && ev.status.Signal() == s.opts.StopSignal
+				ev.status.Signaled() && (ev.status.Signal() == s.opts.StopSignal || killed && ev.status.Signal() == syscall.SIGKILL)
 			if c != starting && !clean {
 				failed = append(failed, fmt.Sprintf("child %d: %s", c.pid, st))
 			}
 		case <-force:
-			force = nil // closed: once is enough
+			force, killed = nil, true // closed: once is enough
 			s.killAll("forced stop: killing the child's process group")
 		case <-deadline.C:
+			killed = true
 			s.killAll("child still running at the drain deadline: killing its process group")
 		}
 	}

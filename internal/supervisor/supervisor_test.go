@@ -301,7 +301,10 @@ func TestForceKillsAChildThatIgnoresItsStopSignal(t *testing.T) {
 	h.sup.Force()
 	select {
 	case err := <-h.done:
-		assert.ErrorIs(t, err, ErrChildFailed, "a child killed by force did not stop cleanly")
+		// A drain cut short is a clean stop, as for handoff serve (exit 0);
+		// that the child was killed is logged.
+		assert.NoError(t, err)
+		assert.Zero(t, h.sup.tracked(), "no child left")
 	case <-time.After(10 * time.Second):
 		t.Fatal("Force did not end the stop")
 	}

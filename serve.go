@@ -52,6 +52,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	opts := upgrader.Options{
 		PIDFile:        *pidFile,
 		UpgradeTimeout: *upgradeTimeout,
+		AbortTimeout:   *drainTimeout,
 		Version:        version,
 		ControlPath:    defaultControl(*controlPath, *pidFile),
 		InFlight:       srv.InFlight,
@@ -80,25 +81,36 @@ func serveCmd(args []string, stderr io.Writer) int {
 	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
 
 	srv.Logger = log
-	serveErr := make(chan error, len(listen))
+	// Every listener first: a generation that cannot take them all serves on
+	// none, so it has accepted nothing when it exits.
+	var lns []net.Listener
 	for _, spec := range listen {
 		network, addr := sockaddr.Split(spec)
 		ln, err := upg.Listen(network, addr)
 		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
 			return fail(stderr, exitListen, "handoff serve: cannot %v", err)
 		}
 		log.Info("listening", "network", network, "addr", ln.Addr().String())
+		lns = append(lns, ln)
+	}
+	serveErr := make(chan error, len(lns))
+	for _, ln := range lns {
 		go func() { serveErr <- srv.Serve(ln) }()
 	}
+	code := exitOK
 	if err := upg.Ready(); err != nil {
-		code := exitFailure
+		// It served already: what it accepted is drained below, like any stop.
+		code = exitFailure
 		if errors.Is(err, upgrader.ErrPIDFile) {
 			code = exitPIDFile
 		}
-		return fail(stderr, code, "handoff serve: %v", err)
+		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
+		upg.Stop()
 	}
 
-	code := exitOK
 	select {
 	case <-upg.Done():
 	case err := <-serveErr:
@@ -119,7 +131,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		level = slog.LevelWarn
 	}
 	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
-		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut,
+		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running,
 		"duration", rep.Duration, "cause", errString(err))
 	return code
 }

@@ -41,6 +41,7 @@ const (
 	DefaultReadHeaderTimeout = 10 * time.Second
 	DefaultIdleTimeout       = 120 * time.Second
 	DefaultIdleGrace         = 250 * time.Millisecond
+	DefaultAfterCut          = time.Second
 )
 
 // pollInterval is how often Drain looks at the connections it waits for.
@@ -62,6 +63,11 @@ type Server struct {
 	// before it is closed: time for a request already on its way to arrive.
 	// Zero means DefaultIdleGrace.
 	IdleGrace time.Duration
+	// AfterCut bounds how long Drain waits, once its context has ended, for the
+	// handlers still running (of requests it cut, whose contexts are then
+	// cancelled, or of hijacked connections) to return. Zero means
+	// DefaultAfterCut. Report.Running counts those that did not.
+	AfterCut time.Duration
 	// Logger receives net/http's own error lines. Nil means none.
 	Logger *slog.Logger
 
@@ -70,7 +76,8 @@ type Server struct {
 
 	draining atomic.Bool
 	inFlight atomic.Int64
-	answered atomic.Int64 // requests finished since the drain began
+	idle     chan struct{} // a token when inFlight drops to zero while draining
+	answered atomic.Int64  // requests finished since the drain began
 
 	serving sync.WaitGroup // Serve calls running
 
@@ -90,6 +97,7 @@ type Report struct {
 	ClosedAfterResponse int           // connections closed after their last answer (Connection: close) or by the client
 	Hijacked            int           // hijacked connections (WebSockets...) closed by the application during the drain
 	Cut                 int           // connections closed at the deadline, requests in flight or not
+	Running             int64         // handlers still running when Drain returned (see AfterCut)
 	Duration            time.Duration // from the start of the drain to its end
 }
 
@@ -111,6 +119,7 @@ func (s *Server) init() {
 		if s.Logger != nil {
 			s.srv.ErrorLog = slog.NewLogLogger(s.Logger.Handler(), slog.LevelWarn)
 		}
+		s.idle = make(chan struct{}, 1)
 		s.listeners = make(map[*listener]struct{})
 		s.conns = make(map[*conn]struct{})
 	})
@@ -161,8 +170,10 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 
 // Drain stops accepting, answers every request on the connections it holds, and
 // closes them between requests. It blocks until no connection is left or ctx
-// ends; then it closes what remains and returns context.Cause(ctx) with the
-// Report.
+// ends; then it closes what remains. Before it returns with the Report (and
+// context.Cause(ctx) if ctx ended), it waits for the handlers still running,
+// AfterCut at most once ctx has ended; Report.Running counts those that still
+// run. Resources the handlers use can be released after it when Running is 0.
 func (s *Server) Drain(ctx context.Context) (Report, error) {
 	s.init()
 	s.mu.Lock()
@@ -200,6 +211,7 @@ func (s *Server) Drain(ctx context.Context) (Report, error) {
 		}
 		break
 	}
+	rep.Running = s.waitHandlers(ctx)
 	s.srv.Close() // nothing is left; this releases net/http's own state
 	s.mu.Lock()
 	rep.ClosedAfterResponse = s.closedSelf
@@ -208,6 +220,29 @@ func (s *Server) Drain(ctx context.Context) (Report, error) {
 	rep.Requests = s.answered.Load()
 	rep.Duration = time.Since(s.drainStart)
 	return rep, err
+}
+
+// waitHandlers waits until no handler runs: as long as ctx lasts, then
+// AfterCut more. It returns how many still run.
+func (s *Server) waitHandlers(ctx context.Context) int64 {
+	var grace <-chan time.Time
+	wait := ctx.Done()
+	if ctx.Err() != nil {
+		wait, grace = nil, time.After(orDefault(s.AfterCut, DefaultAfterCut))
+	}
+	for {
+		n := s.inFlight.Load()
+		if n == 0 {
+			return 0
+		}
+		select {
+		case <-s.idle:
+		case <-wait:
+			wait, grace = nil, time.After(orDefault(s.AfterCut, DefaultAfterCut))
+		case <-grace:
+			return n
+		}
+	}
 }
 
 // closeQuiet closes the connections that have been idle for grace since the
@@ -284,9 +319,17 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 		rw := &responseWriter{ResponseWriter: w, s: s}
 		s.inFlight.Add(1)
 		defer func() {
-			s.inFlight.Add(-1)
-			if s.draining.Load() && !rw.hijacked {
-				s.answered.Add(1)
+			left := s.inFlight.Add(-1)
+			if s.draining.Load() {
+				if !rw.hijacked {
+					s.answered.Add(1)
+				}
+				if left == 0 {
+					select {
+					case s.idle <- struct{}{}:
+					default:
+					}
+				}
 			}
 		}()
 		h.ServeHTTP(rw, r)

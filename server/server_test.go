@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -261,4 +262,41 @@ func TestPendingSeesUnreadBytes(t *testing.T) {
 func withoutDuration(r Report) Report {
 	r.Duration = 0
 	return r
+}
+
+// Drain returns only once the handlers of the requests it cut have returned,
+// or reports those that still run after AfterCut.
+func TestDrainWaitsForCutHandlers(t *testing.T) {
+	var finished atomic.Bool
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	s, addr := start(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/stubborn" {
+			<-release // ignores its context
+			return
+		}
+		<-r.Context().Done()
+		time.Sleep(100 * time.Millisecond) // cleanup after the cut: what Drain must wait for
+		finished.Store(true)
+	}), time.Hour)
+	s.AfterCut = 300 * time.Millisecond
+	dial(t, addr).send("/cleanup")
+	eventually(t, func() bool { return s.InFlight() == 1 }, "the request in flight")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	rep, err := s.Drain(ctx)
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Equal(t, 1, rep.Cut)
+	assert.True(t, finished.Load(), "Drain returned while a cut request's handler still ran")
+	assert.Zero(t, rep.Running)
+
+	s2, addr2 := start(t, s.Handler, time.Hour)
+	s2.AfterCut = 50 * time.Millisecond
+	dial(t, addr2).send("/stubborn")
+	eventually(t, func() bool { return s2.InFlight() == 1 }, "the stubborn request in flight")
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel2()
+	rep, _ = s2.Drain(ctx2)
+	assert.Equal(t, int64(1), rep.Running, "a handler that ignores its context is reported")
 }

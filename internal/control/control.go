@@ -187,21 +187,62 @@ func Chmod(ln *net.UnixListener, path string) (*net.UnixListener, error) {
 // seconds: reads and writes have deadlines; an upgrade's verdict is awaited).
 func Serve(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
 	var answering sync.WaitGroup
-	defer answering.Wait()
+	idle := &idleConns{conns: map[*net.UnixConn]bool{}}
+	defer func() {
+		idle.closeAll()
+		answering.Wait()
+	}()
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
 			return
 		}
+		idle.add(c)
 		answering.Add(1)
 		go func() {
 			defer answering.Done()
-			answer(c, ctl, log)
+			answer(c, ctl, log, idle)
 		}()
 	}
 }
 
-func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
+// idleConns are the connections that only read: waiting for a request, or
+// discarding the rest of a bad one. Once the listener is closed, they are not
+// waited for: the generation is going away.
+type idleConns struct {
+	mu     sync.Mutex
+	conns  map[*net.UnixConn]bool
+	closed bool
+}
+
+func (ic *idleConns) add(c *net.UnixConn) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	ic.conns[c] = true
+	if ic.closed {
+		c.SetReadDeadline(time.Now())
+	}
+}
+
+// busy takes c off the list; it reports whether the server is closing.
+func (ic *idleConns) busy(c *net.UnixConn) (closing bool) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	delete(ic.conns, c)
+	return ic.closed
+}
+
+func (ic *idleConns) closeAll() {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	ic.closed = true
+	for c := range ic.conns {
+		c.SetReadDeadline(time.Now())
+	}
+}
+
+// answer answers one connection.
+func answer(c *net.UnixConn, ctl Controller, log *slog.Logger, idle *idleConns) {
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(controlTimeout))
 	ans := Answer{V: ProtocolVersion, PID: os.Getpid()}
@@ -212,13 +253,19 @@ func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
 		log.Warn("control request refused", "error", perr)
 		ans.Error, ans.Kind = perr.Error(), KindRefused
 		writeAnswer(c, ans)
+		discardRest(c, idle)
 		return
 	}
 	if err != nil {
+		if idle.busy(c) {
+			return // an idle connection cut by the close
+		}
 		ans.Error, ans.Kind = err.Error(), KindBadRequest
 		writeAnswer(c, ans)
+		discardRest(c, idle)
 		return
 	}
+	idle.busy(c)
 	c.SetReadDeadline(time.Time{})
 	switch req.Cmd {
 	case CmdStatus:
@@ -235,6 +282,17 @@ func answer(c *net.UnixConn, ctl Controller, log *slog.Logger) {
 		}
 	}
 	writeAnswer(c, ans)
+}
+
+// discardRest reads what the client is still sending (an oversized request,
+// say) until it stops, for a bounded moment, so that its write completes and it
+// reads the answer: closing a Unix socket with unread data resets the peer.
+func discardRest(c *net.UnixConn, idle *idleConns) {
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(controlTimeout))
+	idle.add(c) // cut at once if the server is closing
+	defer idle.busy(c)
+	io.Copy(io.Discard, io.LimitReader(c, 64<<20))
 }
 
 func writeAnswer(c net.Conn, ans Answer) {

@@ -122,3 +122,58 @@ func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {
 	_, err = Ask(ctx, filepath.Join(t.TempDir(), "none.sock"), Request{Cmd: CmdStatus})
 	assert.ErrorIs(t, err, ErrNoAnswer)
 }
+
+func serveFake(t *testing.T) (path string, ln *net.UnixListener, done chan struct{}) {
+	t.Helper()
+	path = filepath.Join(t.TempDir(), "ctl.sock")
+	ln, err := Listen(path)
+	require.NoError(t, err)
+	done = make(chan struct{})
+	go func() {
+		defer close(done)
+		Serve(ln, fakeController{Status{Phase: gate.Serving}}, slog.New(slog.DiscardHandler))
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+	return path, ln, done
+}
+
+// A client that writes a 10 MB line before it reads gets the error answer, not
+// a reset.
+func TestOversizedRequestIsAnswered(t *testing.T) {
+	path, _, _ := serveFake(t)
+	c, err := net.Dial("unix", path)
+	require.NoError(t, err)
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Write(append(bytes.Repeat([]byte("x"), 10<<20), '\n'))
+	require.NoError(t, err, "the server reads the whole line")
+	require.NoError(t, c.(*net.UnixConn).CloseWrite())
+	var ans Answer
+	require.NoError(t, json.NewDecoder(c).Decode(&ans))
+	assert.Equal(t, KindBadRequest, ans.Kind)
+	assert.Contains(t, ans.Error, "longer than")
+}
+
+// An idle connection does not hold the server's close.
+func TestIdleConnectionDoesNotDelayClose(t *testing.T) {
+	path, ln, done := serveFake(t)
+	c, err := net.Dial("unix", path)
+	require.NoError(t, err)
+	defer c.Close()
+	// Proof that it was accepted: a second connection is answered meanwhile.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = Ask(ctx, path, Request{Cmd: CmdStatus})
+	require.NoError(t, err)
+	start := time.Now()
+	ln.Close()
+	select {
+	case <-done:
+	case <-time.After(4 * time.Second):
+		t.Fatal("Serve waited for an idle connection")
+	}
+	t.Logf("Serve returned %v after the close", time.Since(start))
+}

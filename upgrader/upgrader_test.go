@@ -14,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/handoff-dev/handoff/internal/control"
 	"github.com/handoff-dev/handoff/internal/gate"
@@ -31,7 +32,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv(tableflipEnv) != "" {
 		os.Exit(childMain())
 	}
-	os.Exit(m.Run())
+	goleak.VerifyTestMain(m) // every test leaves no goroutine behind
 }
 
 // childSaw is what a new generation reports back to the test.

@@ -1,0 +1,86 @@
+package supervisor
+
+import (
+	"syscall"
+
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
+)
+
+func (s *Supervisor) send(ev event) {
+	select {
+	case s.events <- ev:
+	case <-s.quit:
+	}
+}
+
+func (s *Supervisor) setChildPhase(c *child, phase control.ChildPhase) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.phase = phase
+}
+
+func (s *Supervisor) track(c *child) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.children[c.pid] = c
+}
+
+func (s *Supervisor) untrack(pid int) *child {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.children[pid]
+	delete(s.children, pid)
+	return c
+}
+
+func (s *Supervisor) tracked() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.children)
+}
+
+func (s *Supervisor) setPhase(phase gate.Phase, current, draining *child) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.status.Phase, s.status.PreviousPID = phase, 0
+	if draining != nil {
+		s.status.PreviousPID = draining.pid
+	}
+	if current != nil {
+		s.status.Generation = current.generation
+	}
+}
+
+func (s *Supervisor) setLast(o outcome) {
+	res := control.NewOutcome(o.res, o.err)
+	s.mu.Lock()
+	s.status.LastUpgrade = &res
+	s.mu.Unlock()
+}
+
+// Force makes a stop in progress kill the children at once instead of waiting
+// for them to drain (handoff run's answer to a second SIGTERM).
+func (s *Supervisor) Force() {
+	s.forceOnce.Do(func() { close(s.forceC) })
+}
+
+// Signal forwards sig to the serving child (handoff run forwards SIGUSR1,
+// SIGUSR2 and SIGWINCH this way).
+func (s *Supervisor) Signal(sig syscall.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.children {
+		if c.phase == control.ChildServing {
+			s.reaper.signal(c.pid, sig, false)
+		}
+	}
+}
+
+// killGroup kills what is left of an exited child's process group (the group
+// outlives its leader while members remain, so the id is not reused meanwhile).
+func killGroup(pid int) {
+	if pid > 1 {
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
+}

@@ -1,0 +1,221 @@
+package upgrader
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/handoff-dev/handoff/internal/control"
+	"github.com/handoff-dev/handoff/internal/gate"
+	"github.com/handoff-dev/handoff/internal/pidfile"
+)
+
+// Ready says that the application has initialised and can serve. It writes the
+// PID file, tells the previous generation, which then stops accepting and
+// drains, and closes inherited descriptors that nobody claimed.
+func (u *Upgrader) Ready() error {
+	var err error
+	u.readyOnce.Do(func() {
+		u.mu.Lock()
+		aborted := u.aborted
+		u.readyBegun = true
+		u.mu.Unlock()
+		if aborted {
+			err = fmt.Errorf("previous generation gave up waiting for this one: %w", ErrStopping)
+			return
+		}
+		if u.opts.PIDFile != "" {
+			if err = pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
+				return
+			}
+		}
+		if err = restoreStderr(u.tf); err != nil {
+			return
+		}
+		// The report goes first: the parent reads it once tableflip says ready.
+		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation}); err != nil {
+			u.log.Warn("cannot report to previous generation", "error", err)
+			err = nil
+		}
+		if err = u.tf.Ready(); err != nil {
+			err = fmt.Errorf("signal ready: %w", err)
+			return
+		}
+		close(u.readyC)
+		if u.tf.HasParent() {
+			// The upgrade that made this generation, as this generation saw it.
+			arrived := control.NewOutcome(control.Result{PID: os.Getpid(), Version: u.opts.Version,
+				Generation: u.generation, Duration: time.Since(u.started)}, nil)
+			u.mu.Lock()
+			u.last = &arrived
+			u.mu.Unlock()
+		}
+		u.closeActivated()
+		u.sd.Ready(os.Getpid(), fmt.Sprintf("serving: generation %d, version %s", u.generation, u.opts.Version))
+		u.log.Info("ready", "version", u.opts.Version)
+		if u.control != nil {
+			go func() {
+				defer close(u.accepting)
+				control.Serve(u.control, controller{u}, u.log)
+			}()
+		}
+	})
+	return err
+}
+
+// HandedOff returns the generation that took over, or nil.
+func (u *Upgrader) HandedOff() *Result {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.handedTo
+}
+
+// Done is closed when this generation must stop serving: a new generation is
+// ready (HandedOff is then non-nil), or Stop was called.
+func (u *Upgrader) Done() <-chan struct{} { return u.doneC }
+
+// Forced is closed when a second SIGTERM or SIGINT asks to stop at once.
+func (u *Upgrader) Forced() <-chan struct{} { return u.forcedC }
+
+// DrainContext returns the context a drain should run under: it ends after
+// timeout (cause context.DeadlineExceeded) or at a second SIGTERM/SIGINT (cause
+// ErrForced).
+func (u *Upgrader) DrainContext(parent context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	forced, cancelForced := context.WithCancelCause(parent)
+	ctx, cancel := context.WithTimeoutCause(forced, timeout,
+		fmt.Errorf("drain deadline of %v: %w", timeout, context.DeadlineExceeded))
+	go func() {
+		select {
+		case <-u.forcedC:
+			cancelForced(ErrForced)
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() {
+		cancel()
+		cancelForced(context.Canceled)
+	}
+}
+
+// HandleSignals makes SIGHUP upgrade (queued while the previous generation
+// drains, ignored while an upgrade runs), the first SIGTERM or SIGINT Stop, and
+// the second close Forced. It returns at once; Close undoes it.
+func (u *Upgrader) HandleSignals() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.sigC != nil {
+		return
+	}
+	u.sigC = make(chan os.Signal, 16)
+	signal.Notify(u.sigC, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	go func(c chan os.Signal) {
+		stops := 0
+		for sig := range c {
+			switch sig {
+			case syscall.SIGHUP:
+				go u.signalUpgrade()
+			default:
+				stops++
+				u.log.Info("stop requested", "signal", sig.String(), "count", stops)
+				if stops == 1 {
+					u.Stop()
+				} else {
+					u.forceOnce.Do(func() { close(u.forcedC) })
+				}
+			}
+		}
+	}(u.sigC)
+}
+
+func (u *Upgrader) signalUpgrade() {
+	// Queued requests are answered when the loop ends, so this never outlives it.
+	_, _ = u.request(context.Background(), gate.Signal, true)
+}
+
+// Stop ends upgrades and closes Done at once, so that the drain can start: a
+// running upgrade is given up on (see Options.AbortTimeout) and ends on its
+// own; Close waits for it. The listeners stay open for the drain. On a final
+// stop, Unix socket files are removed and systemd hears STOPPING=1; a new
+// generation that never became ready does neither, since its previous
+// generation still serves on those sockets.
+func (u *Upgrader) Stop() {
+	u.stopOnce.Do(func() {
+		if u.HandedOff() == nil && (isClosed(u.readyC) || !u.tf.HasParent()) {
+			u.sd.Stopping()
+		}
+		close(u.stopC)
+	})
+}
+
+// stopTableflip ends tableflip. A generation started by an upgrade that never
+// became ready must not let tableflip stop: its Stop unlinks every Unix socket
+// path in use, and the previous generation still serves on them. Its copies
+// close when it exits; only the socket files it bound itself are removed.
+func (u *Upgrader) stopTableflip() {
+	if u.tf.HasParent() && !isClosed(u.readyC) {
+		u.mu.Lock()
+		created := u.created
+		u.mu.Unlock()
+		for _, path := range created {
+			if !strings.HasPrefix(path, "@") {
+				os.Remove(path)
+			}
+		}
+		return
+	}
+	u.tf.Stop()
+}
+
+// abandoned is called when the previous generation gives up on this one
+// before it is ready: it stops, and drains what it accepted.
+func (u *Upgrader) abandoned() {
+	u.mu.Lock()
+	late := u.readyBegun
+	u.aborted = !late
+	u.mu.Unlock()
+	if late {
+		return // Ready is under way: the previous generation will see it
+	}
+	u.log.Warn("the previous generation gave up waiting for this one: stopping")
+	u.Stop()
+}
+
+// Close releases the generation: it stops signal handling, ends the upgrade loop
+// and, after a final stop (no new generation took over), removes the PID file.
+// Call it last, after the drain.
+func (u *Upgrader) Close() error {
+	var err error
+	u.closeOnce.Do(func() {
+		u.mu.Lock()
+		if u.sigC != nil {
+			signal.Stop(u.sigC)
+			close(u.sigC)
+		}
+		u.mu.Unlock()
+		u.Stop()
+		<-u.doneC
+		if u.finishing != nil {
+			<-u.finishing // the abandoned attempt's verdict, and tableflip's stop
+		}
+		if u.accepting != nil && isClosed(u.readyC) {
+			// The run loop closed the control socket; the answers still being
+			// given (the verdict of the upgrade that ended this generation, say)
+			// are written before this returns.
+			<-u.accepting
+		}
+		u.parent.close()
+		u.mu.Lock()
+		u.children.Close()
+		handed := u.handedTo != nil
+		u.mu.Unlock()
+		if u.opts.PIDFile != "" && !handed {
+			err = pidfile.Remove(u.opts.PIDFile, os.Getpid())
+		}
+		u.log.Info("exiting")
+	})
+	return err
+}

@@ -12,7 +12,11 @@
 //   - at most two generations are alive, and at most one of them is not ready;
 //   - the old generation stops accepting only after the new one is ready;
 //   - a new process that is missing, not executable, exits or hangs before Ready
-//     is reported (Upgrade returns why) and the old generation keeps serving;
+//     is reported (Upgrade returns why) and the old generation keeps serving on
+//     every socket: a new generation that never became ready closes only its
+//     own copies, unlinks nothing and tells systemd nothing; one given up on
+//     (Options.UpgradeTimeout, or Stop) is told to stop and drains what it
+//     accepted (Options.AbortTimeout), and what it forked is killed;
 //   - one upgrade runs at a time: SIGHUPs that arrive during an upgrade start no
 //     other process, and a SIGHUP that arrives while the previous generation is
 //     still draining is queued and runs as soon as it has exited (tableflip alone
@@ -28,6 +32,12 @@
 // Nothing of the handoff leaks into processes the server itself starts:
 // tableflip's marker variable is removed from the environment and the
 // descriptors it passes are close-on-exec.
+//
+// The admission rules (start, queue, coalesce, refuse) are internal/gate's,
+// shared with the supervisor of `handoff run`; the control socket's protocol is
+// internal/control's. The files: upgrader.go (Options, New), listen.go,
+// lifecycle.go (Ready, Stop, Close, signals), loop.go (the owner goroutine),
+// attempt.go (one upgrade), handoff.go (the channel between generations).
 //
 // A minimal server:
 //

@@ -186,7 +186,9 @@ func (u *Upgrader) abandoned() {
 
 // Close releases the generation: it stops signal handling, ends the upgrade loop
 // and, after a final stop (no new generation took over), removes the PID file.
-// Call it last, after the drain.
+// Call it last, after the drain. It blocks until the control socket's answers
+// in flight are written and an upgrade abandoned by Stop has ended (at most
+// Options.AbortTimeout and a few seconds).
 func (u *Upgrader) Close() error {
 	var err error
 	u.closeOnce.Do(func() {

@@ -12,12 +12,17 @@
 //
 // An upgrade starts a new child on the same sockets; once it is ready, the old
 // child gets its stop signal and, after the drain timeout, SIGKILL to its whole
-// process group. A new child that exits or hangs before it is ready is killed
-// and the old one keeps serving. The invariants of package upgrader hold: at most
-// one child starting, at most one draining, the old one told to leave only after
+// process group. A new child that exits before it is ready is reported and the
+// old one keeps serving; one not ready within the ready timeout may have
+// accepted connections, so it is stopped the same graceful way. Upgrade
+// requests go through internal/gate, as package upgrader's do: at most one
+// child starting, at most one draining, the old one told to leave only after
 // the new one is ready, SIGHUPs during an upgrade coalesced, one during a drain
-// queued. A child that dies while serving is restarted with backoff. The
-// supervisor reaps every process, orphans included, so it can be PID 1.
+// queued. A child that dies while serving is restarted with backoff, and at
+// once if an upgrade that was running meanwhile fails: handoff run never stays
+// without a serving child. Children get their stop signal if the supervisor
+// dies (PR_SET_PDEATHSIG). The supervisor reaps every process, orphans
+// included, so it can be PID 1.
 package supervisor
 
 import (

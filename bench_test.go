@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/handoff-dev/handoff/internal/itest"
 	"github.com/handoff-dev/handoff/internal/loadgen"
 )
 
@@ -27,13 +28,13 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 		window   = time.Second // "after an upgrade" = [HUP, HUP+window)
 		slow     = 800 * time.Millisecond
 	)
-	s := startServer(b, serverOpts{upgradeTimeout: "10s", drainTimeout: "10s"})
-	first := s.pid()
+	s := itest.StartServer(b, itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "10s"})
+	first := s.LivePID()
 
 	// Peak RSS (VmHWM) of every handoff process.
-	rss := sampleRSS(b, func() []int { return groupProcs(s.pgid) })
+	rss := sampleRSS(b, func() []int { return itest.GroupProcs(s.Proc.PID) })
 
-	load := startLoad(b, s.bins, s.addr, rate,
+	load := itest.StartLoad(b, s.Addr, rate,
 		"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", slow.String(), "--samples")
 	b.ResetTimer()
 
@@ -46,24 +47,24 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 	defer tick.Stop()
 	for i := 0; i < upgrades; i++ {
 		<-tick.C // pacing: one HUP per second at most
-		old := s.pid()
+		old := s.LivePID()
 		if !replacedGone(b, ups, i+1, "generation") {
 			break
 		}
-		v := nextVersion(s.version)
-		s.deploy(v)
+		v := itest.NextVersion(s.Version)
+		s.Deploy(v)
 		hup := time.Now().UnixNano()
-		s.signal(old, syscall.SIGHUP)
+		s.Signal(old, syscall.SIGHUP)
 		var p int
-		if !poll(15*time.Second, func() bool {
+		if !itest.Poll(15*time.Second, func() bool {
 			var err error
-			p, err = s.readPID()
+			p, err = s.ReadPID()
 			return err == nil && p != old
 		}) {
 			b.Errorf("upgrade %d: PID file still names %d 15s after SIGHUP", i+1, old)
 			break
 		}
-		s.version = v
+		s.Version = v
 		ups = append(ups, upgrade{benchUpgrade{startNs: hup, oldPID: old, newPID: p}, v})
 	}
 	res, sent := finishLoad(b, tick, ups, load, rss)
@@ -134,7 +135,7 @@ func sampleRSS(b *testing.B, pids func() []int) *rssPeaks {
 		defer tick.Stop()
 		for {
 			for _, p := range pids() {
-				if kib, ok := vmHWM(p); ok {
+				if kib, ok := itest.VmHWM(p); ok {
 					r.mu.Lock()
 					if kib > r.kib[p] {
 						r.kib[p] = kib
@@ -163,7 +164,7 @@ func replacedGone[U upgradeRecord](b *testing.B, ups []U, n int, what string) bo
 		return true
 	}
 	prev := ups[len(ups)-1].base().oldPID
-	if !poll(15*time.Second, func() bool { return !alive(prev) }) {
+	if !itest.Poll(15*time.Second, func() bool { return !itest.Alive(prev) }) {
 		b.Errorf("upgrade %d: %s %d still alive 15s after being replaced", n, what, prev)
 		return false
 	}
@@ -173,14 +174,14 @@ func replacedGone[U upgradeRecord](b *testing.B, ups []U, n int, what string) bo
 // finishLoad keeps the load on for one more tick (the window after the last
 // upgrade), waits (15s, unchecked) for the last replaced process to exit,
 // then stops the load, the benchmark timer and rss.
-func finishLoad[U upgradeRecord](b *testing.B, tick *time.Ticker, ups []U, load *loadProc, rss *rssPeaks) (*loadgen.Result, time.Duration) {
+func finishLoad[U upgradeRecord](b *testing.B, tick *time.Ticker, ups []U, load *itest.Load, rss *rssPeaks) (*loadgen.Result, time.Duration) {
 	b.Helper()
 	<-tick.C
 	if len(ups) > 0 {
 		last := ups[len(ups)-1].base().oldPID
-		poll(15*time.Second, func() bool { return !alive(last) })
+		itest.Poll(15*time.Second, func() bool { return !itest.Alive(last) })
 	}
-	res, sent := load.stop()
+	res, sent := load.Stop()
 	b.StopTimer()
 	rss.stop()
 	return res, sent
@@ -238,7 +239,7 @@ func reportLoad[U upgradeRecord](b *testing.B, res *loadgen.Result, first int, u
 	f.hand = make([]string, len(ups))
 	for i, u := range ups {
 		f.hand[i] = "-"
-		if ps, ok := pidStat(res, u.base().newPID); ok && ps.First > 0 {
+		if ps, ok := itest.PIDStat(res, u.base().newPID); ok && ps.First > 0 {
 			ms := float64(ps.First-u.base().startNs) / 1e6
 			f.handoffMs = append(f.handoffMs, ms)
 			f.hand[i] = fmt.Sprintf("%.1f", ms)
@@ -318,6 +319,33 @@ func tableRows[U any](t *strings.Builder, ups []U) func(name string, cell func(i
 
 // countOf returns how many responses the load tool got from pid.
 func countOf(res *loadgen.Result, pid int) int64 {
-	ps, _ := pidStat(res, pid)
+	ps, _ := itest.PIDStat(res, pid)
 	return ps.Count
+}
+
+// percentile returns the nearest-rank p-th percentile (0..100) of xs.
+func percentile(xs []float64, p float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	i := int(p/100*float64(len(s))+0.5) - 1
+	if i < 0 {
+		i = 0
+	}
+	if i >= len(s) {
+		i = len(s) - 1
+	}
+	return s[i]
+}
+
+func maxOf(xs []float64) float64 {
+	m := 0.0
+	for _, x := range xs {
+		if x > m {
+			m = x
+		}
+	}
+	return m
 }

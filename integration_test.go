@@ -1,9 +1,7 @@
 package main_test
 
-// Integration tests: they exec the real handoff binary (built once per test
-// process, see bins) and check the zero-downtime upgrade contract from the
-// outside. Every process they start runs in its own process group that the
-// test's cleanup kills and waits for. Traffic goes to 127.0.0.1 only.
+// Integration tests of `handoff serve`: they check the zero-downtime upgrade
+// contract from the outside (see helpers_test.go for the harness).
 
 import (
 	"errors"
@@ -16,44 +14,15 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/handoff-dev/handoff/internal/itest"
 )
-
-// Load used by the "under load" cases: open loop at loadRate req/s, a mix of
-// pooled keep-alive connections, a new connection per request (30%) and slow
-// requests (2%, 300ms).
-const loadRate = 1000
-
-func loadArgs() []string {
-	return []string{"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", "300ms"}
-}
-
-// checkListener asserts that 127.0.0.1:port still has exactly one LISTEN
-// socket, the one the first generation bound, and that pid holds it.
-func (s *server) checkListener(t *testing.T, pid int) {
-	t.Helper()
-	if ins := listenInodes(s.port); len(ins) != 1 || ins[0] != s.inode {
-		t.Errorf("LISTEN sockets on 127.0.0.1:%d: inodes %v, want exactly the original [%d]", s.port, ins, s.inode)
-	}
-	if !hasSocketInode(pid, s.inode) {
-		ts, _ := fdTargets(pid)
-		t.Errorf("pid %d holds no descriptor for the listening socket inode %d; its fds: %v", pid, s.inode, ts)
-	}
-}
-
-// checkOneProcess asserts that exactly one handoff process, pid, is left in
-// the server's process group.
-func (s *server) checkOneProcess(t *testing.T, pid int) {
-	t.Helper()
-	if !poll(10*time.Second, func() bool { ps := s.procs(); return len(ps) == 1 && ps[0] == pid }) {
-		t.Errorf("live processes in the server's group: %v, want exactly [%d]", s.procs(), pid)
-	}
-}
 
 // a. At least 10 upgrades under load; nothing fails, the socket is the same.
 func TestUpgradesUnderLoad(t *testing.T) {
-	s := startServer(t, serverOpts{})
-	first := s.pid()
-	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
+	s := itest.StartServer(t, itest.ServerOpts{})
+	first := s.LivePID()
+	load := itest.StartLoad(t, s.Addr, loadRate, loadArgs()...)
 
 	type gen struct {
 		pid        int
@@ -61,39 +30,39 @@ func TestUpgradesUnderLoad(t *testing.T) {
 		generation int64
 	}
 	gens := []gen{{pid: first, version: "v1"}}
-	if l, _, ok := s.logs.first(0, "ready", pidIs(first)); ok {
-		gens[0].generation, _ = l.num("generation")
+	if l, _, ok := s.Logs.First(0, "ready", itest.PIDIs(first)); ok {
+		gens[0].generation, _ = l.Num("generation")
 	}
 	const upgrades = 10
 	for i := 1; i <= upgrades; i++ {
-		mark := s.logs.mark()
-		want := nextVersion(s.version)
-		oldPID, newPID := s.upgrade(want, 20*time.Second)
+		mark := s.Logs.Mark()
+		want := itest.NextVersion(s.Version)
+		oldPID, newPID := s.Upgrade(want, 20*time.Second)
 		if newPID == oldPID {
 			t.Fatalf("upgrade %d: PID unchanged (%d)", i, newPID)
 		}
-		ready := s.logs.waitLog(t, mark, "ready", pidIs(newPID), 5*time.Second)
-		if v := ready.str("version"); v != want {
+		ready := s.Logs.Wait(t, mark, "ready", itest.PIDIs(newPID), 5*time.Second)
+		if v := ready.Str("version"); v != want {
 			t.Errorf("upgrade %d: ready log of pid %d has version %q, want %q", i, newPID, v, want)
 		}
-		g, ok := ready.num("generation")
+		g, ok := ready.Num("generation")
 		if !ok {
-			t.Errorf("upgrade %d: ready log has no numeric generation: %s", i, ready.raw)
+			t.Errorf("upgrade %d: ready log has no numeric generation: %s", i, ready.Raw)
 		} else if prev := gens[len(gens)-1].generation; g <= prev {
 			t.Errorf("upgrade %d: generation %d does not increase (previous %d)", i, g, prev)
 		}
-		if l, _, ok := s.logs.first(mark, "listening", pidIs(newPID)); ok && l.str("addr") != s.addr {
-			t.Errorf("upgrade %d: pid %d logs listening on %q, want the same address %q", i, newPID, l.str("addr"), s.addr)
+		if l, _, ok := s.Logs.First(mark, "listening", itest.PIDIs(newPID)); ok && l.Str("addr") != s.Addr {
+			t.Errorf("upgrade %d: pid %d logs listening on %q, want the same address %q", i, newPID, l.Str("addr"), s.Addr)
 		}
-		s.checkListener(t, newPID)
+		s.CheckListener(t, newPID)
 		if prev := gens[len(gens)-1].version; prev == want {
 			t.Errorf("upgrade %d: version did not change (%s)", i, want)
 		}
 		gens = append(gens, gen{pid: newPID, version: want, generation: g})
 	}
 
-	res, sent := load.stop()
-	checkLoad(t, load, res, sent)
+	res, sent := load.Stop()
+	load.Check(t, res, sent)
 	seen := map[int]bool{}
 	for i, g := range gens {
 		if seen[g.pid] {
@@ -101,7 +70,7 @@ func TestUpgradesUnderLoad(t *testing.T) {
 		}
 		seen[g.pid] = true
 		// Every generation served part of the load, with its own version.
-		ps, ok := pidStat(res, g.pid)
+		ps, ok := itest.PIDStat(res, g.pid)
 		if !ok || ps.Count == 0 {
 			t.Errorf("generation %d (pid %d, %s) answered no load-tool request", i, g.pid, g.version)
 		} else if ps.Version != g.version {
@@ -109,79 +78,79 @@ func TestUpgradesUnderLoad(t *testing.T) {
 		}
 	}
 	last := gens[len(gens)-1].pid
-	if p := s.pid(); p != last {
+	if p := s.LivePID(); p != last {
 		t.Errorf("PID file names %d at the end, want %d", p, last)
 	}
-	s.checkListener(t, last)
-	s.checkOneProcess(t, last)
+	s.CheckListener(t, last)
+	s.CheckOneProcess(t, last)
 	t.Logf("%d generations: %v", len(gens), gens)
 }
 
 // b. A slow request in flight at the upgrade is answered by the old
 // generation; new requests go to the new one.
 func TestSlowRequestSurvivesUpgrade(t *testing.T) {
-	s := startServer(t, serverOpts{})
-	oldPID := s.pid()
-	slow := startRequest(t, s.addr, s.port, "/slow?ms=2000", 30*time.Second)
+	s := itest.StartServer(t, itest.ServerOpts{})
+	oldPID := s.LivePID()
+	slow := itest.StartRequest(t, s.Addr, s.Port, "/slow?ms=2000", 30*time.Second)
 
-	mark := s.logs.mark()
-	s.deploy("v2")
-	s.signal(oldPID, syscall.SIGHUP)
-	newPID := s.waitNewPID(oldPID, 20*time.Second)
-	s.waitServing(newPID, "v2", 10*time.Second)
+	mark := s.Logs.Mark()
+	s.Deploy("v2")
+	s.Signal(oldPID, syscall.SIGHUP)
+	newPID := s.WaitNewPID(oldPID, 20*time.Second)
+	s.WaitServing(newPID, "v2", 10*time.Second)
 	select {
-	case <-slow.done:
+	case <-slow.Done:
 		t.Fatalf("precondition: the 2s request finished before the upgrade completed: %v", slow)
 	default:
 	}
-	if !alive(oldPID) {
+	if !itest.Alive(oldPID) {
 		t.Errorf("old pid %d exited while its 2s request was still in flight", oldPID)
 	}
-	s.logs.waitLog(t, mark, "draining", func(l logLine) bool { return l.pid() == oldPID && l.str("reason") == "upgrade" }, 10*time.Second)
+	s.Logs.Wait(t, mark, "draining", func(l itest.Line) bool { return l.PID() == oldPID && l.Str("reason") == "upgrade" }, 10*time.Second)
 	// Once the old generation drains, it no longer accepts: new requests
 	// on new connections are all answered by the new one.
 	streak := 0
 	var last string
-	if !poll(10*time.Second, func() bool {
-		r, err := get(s.addr, "/hello/handoff")
+	if !itest.Poll(10*time.Second, func() bool {
+		r, err := itest.Get(s.Addr, "/hello/handoff")
 		switch {
 		case err != nil:
 			t.Errorf("GET /hello/handoff during the drain: %v", err)
 			return true
-		case r.status != 200 || r.body != "Hello handoff!!!":
-			t.Errorf("GET /hello/handoff during the drain: status %d body %q", r.status, r.body)
+		case r.Status != 200 || r.Body != "Hello handoff!!!":
+			t.Errorf("GET /hello/handoff during the drain: status %d body %q", r.Status, r.Body)
 			return true
-		case r.pid == newPID && r.version == "v2":
+		case r.PID == newPID && r.Version == "v2":
 			streak++
 		default:
 			streak = 0
 		}
-		last = fmt.Sprintf("pid %d version %q", r.pid, r.version)
+		last = fmt.Sprintf("pid %d version %q", r.PID, r.Version)
 		return streak >= 5
 	}) {
 		t.Errorf("new requests not all answered by the new pid %d while the old drains; last: %s", newPID, last)
 	}
 
-	if !waitChan(slow.done, 15*time.Second) {
+	if !itest.WaitChan(slow.Done, 15*time.Second) {
 		t.Fatalf("slow request did not complete")
 	}
-	if slow.err != nil || slow.resp.status != 200 {
+	if slow.Err != nil || slow.Resp.Status != 200 {
 		t.Fatalf("slow request in flight at the upgrade: %v, want 200", slow)
 	}
-	if slow.resp.pid != oldPID || slow.resp.version != "v1" {
-		t.Errorf("slow request answered by pid %d version %q, want the old pid %d version v1", slow.resp.pid, slow.resp.version, oldPID)
+	if slow.Resp.PID != oldPID || slow.Resp.Version != "v1" {
+		t.Errorf("slow request answered by pid %d version %q, want the old pid %d version v1", slow.Resp.PID, slow.Resp.Version, oldPID)
 	}
-	s.waitGone(oldPID, 15*time.Second)
-	s.checkOneProcess(t, newPID)
+	s.WaitGone(oldPID, 15*time.Second)
+	s.CheckOneProcess(t, newPID)
 }
 
 // c. Broken new binaries, one at a time, under load: each upgrade fails
 // with the right kind, the old generation keeps serving, nothing is left
 // behind; then a good binary upgrades fine.
 func TestBrokenBinariesUnderLoad(t *testing.T) {
-	s := startServer(t, serverOpts{upgradeTimeout: "2s"})
-	pid := s.pid()
-	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
+	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "2s"})
+	pid := s.LivePID()
+	load := itest.StartLoad(t, s.Addr, loadRate, loadArgs()...)
 
 	// One after the other in this goroutine (not subtests: the server's
 	// helpers fail the test that started it).
@@ -193,80 +162,76 @@ func TestBrokenBinariesUnderLoad(t *testing.T) {
 		marker  string // a line the broken binary itself writes to stderr
 	}{
 		{"missing", func() {
-			if err := os.Remove(s.live); err != nil {
+			if err := os.Remove(s.Live); err != nil {
 				t.Fatal(err)
 			}
 		}, "binary-missing", "no such file", ""},
-		{"not-executable", func() { s.deployFile(filepath.Join(s.bins, "handoff-v2"), 0o644) }, "binary-not-executable", "not executable", ""},
-		{"exits-1", func() { s.deployFile(filepath.Join(s.bins, "exit1"), 0o755) }, "exited", "exit status 1", "testdata-exit1: pid"},
-		{"hangs", func() { s.deployFile(filepath.Join(s.bins, "hang"), 0o755) }, "timeout", "timed out", "testdata-hang: pid"},
+		{"not-executable", func() { s.DeployFile(itest.Binary(t, "handoff-v2"), 0o644) }, "binary-not-executable", "not executable", ""},
+		{"exits-1", func() { s.DeployFile(itest.Binary(t, "exit1"), 0o755) }, "exited", "exit status 1", "testdata-exit1: pid"},
+		{"hangs", func() { s.DeployFile(itest.Binary(t, "hang"), 0o755) }, "timeout", "timed out", "testdata-hang: pid"},
 	}
 	for _, c := range cases {
-		mark := s.logs.mark()
+		mark := s.Logs.Mark()
 		c.install()
-		s.signal(pid, syscall.SIGHUP)
-		l := s.logs.waitLog(t, mark, "upgrade failed", pidIs(pid), 15*time.Second)
-		t.Logf("%s: %s", c.name, l.raw)
-		if l.str("level") != "ERROR" {
-			t.Errorf("%s: upgrade failed logged at level %q, want ERROR: %s", c.name, l.str("level"), l.raw)
+		s.Signal(pid, syscall.SIGHUP)
+		l := s.Logs.Wait(t, mark, "upgrade failed", itest.PIDIs(pid), 15*time.Second)
+		t.Logf("%s: %s", c.name, l.Raw)
+		if l.Str("level") != "ERROR" {
+			t.Errorf("%s: upgrade failed logged at level %q, want ERROR: %s", c.name, l.Str("level"), l.Raw)
 		}
-		if k := l.str("kind"); k != c.kind {
-			t.Errorf("%s: upgrade failed kind %q, want %q: %s", c.name, k, c.kind, l.raw)
+		if k := l.Str("kind"); k != c.kind {
+			t.Errorf("%s: upgrade failed kind %q, want %q: %s", c.name, k, c.kind, l.Raw)
 		}
-		if e := l.str("error"); !strings.Contains(strings.ToLower(e), c.errText) {
+		if e := l.Str("error"); !strings.Contains(strings.ToLower(e), c.errText) {
 			t.Errorf("%s: upgrade failed error %q does not contain %q", c.name, e, c.errText)
 		}
-		if c.marker != "" && !s.logs.contains(mark, c.marker) {
+		// The marker reaches the server's output through the server's copy of
+		// the broken binary's stderr, which may lag its verdict: wait for it.
+		if c.marker != "" && !s.Logs.WaitContains(mark, c.marker, 5*time.Second) {
 			t.Errorf("%s: the broken binary never ran: no %q line in the server's output", c.name, c.marker)
 		}
-		if p, err := s.readPID(); err != nil || p != pid {
+		if p, err := s.ReadPID(); err != nil || p != pid {
 			t.Errorf("%s: PID file after a failed upgrade: pid %d err %v, want %d", c.name, p, err, pid)
 		}
-		s.waitServing(pid, "v1", 5*time.Second)
-		s.checkOneProcess(t, pid)
-		if _, _, ok := s.logs.first(mark, "upgrade succeeded", nil); ok {
+		s.WaitServing(pid, "v1", 5*time.Second)
+		s.CheckOneProcess(t, pid)
+		if _, _, ok := s.Logs.First(mark, "upgrade succeeded", nil); ok {
 			t.Errorf("%s: upgrade succeeded logged for a broken binary", c.name)
 		}
 	}
 
 	// Then a good binary upgrades fine.
-	mark := s.logs.mark()
-	oldPID, newPID := s.upgrade("v2", 20*time.Second)
+	mark := s.Logs.Mark()
+	oldPID, newPID := s.Upgrade("v2", 20*time.Second)
 	if oldPID != pid || newPID == pid {
 		t.Errorf("upgrade after failures: %d -> %d, want from %d to a new pid", oldPID, newPID, pid)
 	}
-	succ := s.logs.waitLog(t, mark, "upgrade succeeded", pidIs(pid), 5*time.Second)
-	if n, _ := succ.num("new_pid"); int(n) != newPID {
-		t.Errorf("upgrade succeeded new_pid %d, want %d: %s", n, newPID, succ.raw)
+	succ := s.Logs.Wait(t, mark, "upgrade succeeded", itest.PIDIs(pid), 5*time.Second)
+	if n, _ := succ.Num("new_pid"); int(n) != newPID {
+		t.Errorf("upgrade succeeded new_pid %d, want %d: %s", n, newPID, succ.Raw)
 	}
-	s.checkListener(t, newPID)
+	s.CheckListener(t, newPID)
 	pid = newPID
 
-	res, sent := load.stop()
-	checkLoad(t, load, res, sent)
-	s.checkOneProcess(t, pid)
+	res, sent := load.Stop()
+	load.Check(t, res, sent)
+	s.CheckOneProcess(t, pid)
 }
 
 // d. A burst of 20 SIGHUPs: coalesced/queued, never more than two
 // generations at once, one at the end, no failed request.
 func TestHUPBurstUnderLoad(t *testing.T) {
-	s := startServer(t, serverOpts{})
-	first := s.pid()
-	load := startLoad(t, s.bins, s.addr, loadRate, loadArgs()...)
-	sampler := startGroupSampler(s.pgid, 3*time.Millisecond)
-	defer func() {
-		select {
-		case <-sampler.done:
-		default:
-			sampler.stop()
-		}
-	}()
+	s := itest.StartServer(t, itest.ServerOpts{})
+	first := s.LivePID()
+	load := itest.StartLoad(t, s.Addr, loadRate, loadArgs()...)
+	sampler := itest.StartGroupSampler(s.Proc.PID, 3*time.Millisecond)
+	defer sampler.Stop()
 
-	mark := s.logs.mark()
-	s.deploy("v2")
+	mark := s.Logs.Mark()
+	s.Deploy("v2")
 	sent := 0
 	for range 20 {
-		p, err := s.readPID()
+		p, err := s.ReadPID()
 		if err != nil {
 			t.Fatalf("PID file during the burst: %v", err)
 		}
@@ -279,48 +244,48 @@ func TestHUPBurstUnderLoad(t *testing.T) {
 	// Settled: one live process, named by the PID file, serving, and every
 	// queued upgrade has run (its process logged a later success or failure).
 	settled := func() bool {
-		ps := s.procs()
-		p, err := s.readPID()
+		ps := s.Procs()
+		p, err := s.ReadPID()
 		if err != nil || len(ps) != 1 || ps[0] != p || p == first {
 			return false
 		}
-		queued, qidx := s.logs.find(mark, "upgrade queued", nil)
+		queued, qidx := s.Logs.Find(mark, "upgrade queued", nil)
 		for i, q := range queued {
-			if _, _, ok := s.logs.first(qidx[i]+1, "", func(l logLine) bool {
-				return l.pid() == q.pid() && (l.msg() == "upgrade succeeded" || l.msg() == "upgrade failed")
+			if _, _, ok := s.Logs.First(qidx[i]+1, "", func(l itest.Line) bool {
+				return l.PID() == q.PID() && (l.Msg() == "upgrade succeeded" || l.Msg() == "upgrade failed")
 			}); !ok {
 				return false
 			}
 		}
 		return true
 	}
-	eventually(t, 60*time.Second, settled, "the burst to settle to one new process")
-	final := s.pid()
-	s.waitServing(final, "v2", 10*time.Second)
+	itest.Eventually(t, 60*time.Second, settled, "the burst to settle to one new process")
+	final := s.LivePID()
+	s.WaitServing(final, "v2", 10*time.Second)
 
-	res, dur := load.stop()
-	sampler.stop()
-	checkLoad(t, load, res, dur)
+	res, dur := load.Stop()
+	sampler.Stop()
+	load.Check(t, res, dur)
 	for _, p := range []int{first, final} {
-		if ps, ok := pidStat(res, p); !ok || ps.Count == 0 {
+		if ps, ok := itest.PIDStat(res, p); !ok || ps.Count == 0 {
 			t.Errorf("pid %d answered no load-tool request: the load did not span the burst", p)
 		}
 	}
-	if sampler.max > 2 {
-		t.Errorf("%d live handoff processes at once (%v), want at most 2", sampler.max, sampler.maxSeen)
+	if sampler.Max > 2 {
+		t.Errorf("%d live handoff processes at once (%v), want at most 2", sampler.Max, sampler.MaxSeen)
 	}
-	if sampler.max < 2 {
-		t.Errorf("never saw the two generations of an upgrade in %d samples (max %d): the sampler is not working", sampler.samples, sampler.max)
+	if sampler.Max < 2 {
+		t.Errorf("never saw the two generations of an upgrade in %d samples (max %d): the sampler is not working", sampler.Samples, sampler.Max)
 	}
 	if !settled() {
-		t.Errorf("not settled at the end: processes %v", s.procs())
+		t.Errorf("not settled at the end: processes %v", s.Procs())
 	}
-	if p := s.pid(); p != final {
+	if p := s.LivePID(); p != final {
 		t.Errorf("PID file changed after settling: %d -> %d", final, p)
 	}
-	s.checkOneProcess(t, final)
-	s.checkListener(t, final)
-	count := func(msg string) int { ls, _ := s.logs.find(mark, msg, nil); return len(ls) }
+	s.CheckOneProcess(t, final)
+	s.CheckListener(t, final)
+	count := func(msg string) int { ls, _ := s.Logs.Find(mark, msg, nil); return len(ls) }
 	succeeded := count("upgrade succeeded")
 	if succeeded < 1 || succeeded > 20 {
 		t.Errorf("%d upgrades succeeded for 20 HUPs, want 1..20", succeeded)
@@ -329,41 +294,41 @@ func TestHUPBurstUnderLoad(t *testing.T) {
 		t.Errorf("%d upgrades failed during the burst, want 0", n)
 	}
 	t.Logf("%d HUPs delivered; logs: %d requested, %d ignored, %d queued, %d succeeded; %d process samples, max %d; final pid %d",
-		sent, count("upgrade requested"), count("upgrade ignored"), count("upgrade queued"), succeeded, sampler.samples, sampler.max, final)
+		sent, count("upgrade requested"), count("upgrade ignored"), count("upgrade queued"), succeeded, sampler.Samples, sampler.Max, final)
 }
 
 // e. A HUP while the previous generation still drains is queued, and runs
 // only once that generation has exited.
 func TestHUPQueuedWhileDraining(t *testing.T) {
-	s := startServer(t, serverOpts{})
-	p1 := s.pid()
-	slow := startRequest(t, s.addr, s.port, "/slow?ms=3000", 30*time.Second)
+	s := itest.StartServer(t, itest.ServerOpts{})
+	p1 := s.LivePID()
+	slow := itest.StartRequest(t, s.Addr, s.Port, "/slow?ms=3000", 30*time.Second)
 
-	s.deploy("v2")
-	s.signal(p1, syscall.SIGHUP)
-	p2 := s.waitNewPID(p1, 20*time.Second)
-	s.waitServing(p2, "v2", 10*time.Second)
-	if !alive(p1) {
+	s.Deploy("v2")
+	s.Signal(p1, syscall.SIGHUP)
+	p2 := s.WaitNewPID(p1, 20*time.Second)
+	s.WaitServing(p2, "v2", 10*time.Second)
+	if !itest.Alive(p1) {
 		t.Fatalf("precondition: pid %d finished draining its 3s request before the second HUP", p1)
 	}
 
-	mark := s.logs.mark()
-	s.deploy("v3")
-	s.signal(p2, syscall.SIGHUP)
-	q := s.logs.waitLog(t, mark, "upgrade queued", pidIs(p2), 5*time.Second)
-	if r := q.str("reason"); r != "previous generation still draining" {
-		t.Errorf("upgrade queued reason %q: %s", r, q.raw)
+	mark := s.Logs.Mark()
+	s.Deploy("v3")
+	s.Signal(p2, syscall.SIGHUP)
+	q := s.Logs.Wait(t, mark, "upgrade queued", itest.PIDIs(p2), 5*time.Second)
+	if r := q.Str("reason"); r != "previous generation still draining" {
+		t.Errorf("upgrade queued reason %q: %s", r, q.Raw)
 	}
-	if !alive(p1) {
+	if !itest.Alive(p1) {
 		t.Errorf("precondition: pid %d exited before the queued upgrade was logged", p1)
 	}
 
 	// Wait for the third generation; it must never appear while p1 lives.
 	var p3 int
 	var prev map[int]bool
-	eventually(t, 20*time.Second, func() bool {
-		p1Alive := alive(p1)
-		p, err := s.readPID()
+	itest.Eventually(t, 20*time.Second, func() bool {
+		p1Alive := itest.Alive(p1)
+		p, err := s.ReadPID()
 		if err == nil && p != p2 && p != p1 {
 			if p1Alive {
 				t.Errorf("third generation %d in the PID file while the first %d is still alive", p, p1)
@@ -372,31 +337,33 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 			return true
 		}
 		var ps []int
-		ps, prev = steady(prev, s.procs(), func(p int) int { return p })
+		ps, prev = itest.SteadyPIDs(prev, s.Procs())
 		if len(ps) > 2 {
 			var what []string
 			for _, p := range ps {
-				what = append(what, describe(p))
+				what = append(what, itest.Describe(p))
 			}
 			t.Errorf("%d live processes while an upgrade is queued:\n%s", len(ps), strings.Join(what, "\n"))
 		}
 		return false
 	}, "the queued upgrade to produce a third generation")
-	s.waitServing(p3, "v3", 10*time.Second)
+	s.WaitServing(p3, "v3", 10*time.Second)
+	// p3 serves, but the reader may not have got to its lines yet.
+	s.Logs.Wait(t, 0, "ready", itest.PIDIs(p3), 10*time.Second)
 
 	// The output is one pipe shared by all generations, so its order is the
 	// order of the writes: p1's last line precedes every line of p3.
-	_, p1Idx := s.logs.find(0, "", pidIs(p1))
-	_, p3Idx := s.logs.find(0, "", pidIs(p3))
+	_, p1Idx := s.Logs.Find(0, "", itest.PIDIs(p1))
+	_, p3Idx := s.Logs.Find(0, "", itest.PIDIs(p3))
 	if len(p1Idx) == 0 || len(p3Idx) == 0 {
 		t.Errorf("no log lines from pid %d or pid %d", p1, p3)
 	} else if last1, first3 := p1Idx[len(p1Idx)-1], p3Idx[0]; first3 < last1 {
 		t.Errorf("pid %d logged (line %d) before pid %d's last line (line %d): the queued upgrade did not wait", p3, first3, p1, last1)
 	}
-	s.logs.waitLog(t, 0, "exiting", pidIs(p1), 10*time.Second)
-	s.logs.waitLog(t, mark, "upgrade succeeded", pidIs(p2), 10*time.Second)
-	_, exitIdx := s.logs.find(0, "exiting", pidIs(p1))
-	_, succIdx := s.logs.find(mark, "upgrade succeeded", pidIs(p2))
+	s.Logs.Wait(t, 0, "exiting", itest.PIDIs(p1), 10*time.Second)
+	s.Logs.Wait(t, mark, "upgrade succeeded", itest.PIDIs(p2), 10*time.Second)
+	_, exitIdx := s.Logs.Find(0, "exiting", itest.PIDIs(p1))
+	_, succIdx := s.Logs.Find(mark, "upgrade succeeded", itest.PIDIs(p2))
 	switch {
 	case len(exitIdx) == 0:
 		t.Errorf("pid %d never logged exiting", p1)
@@ -406,103 +373,97 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 		t.Errorf("pid %d logged upgrade succeeded (line %d) before pid %d logged exiting (line %d)", p2, succIdx[0], p1, exitIdx[0])
 	}
 
-	s.waitSlowThenSettled(t, slow, p1, p2, p3)
+	s.WaitSlowThenSettled(t, slow, p1, p2, p3)
 }
 
 // f. SIGTERM: graceful drain, exit 0, PID file removed; the drain timeout
 // cuts long requests; a second SIGTERM cuts at once.
 func TestSIGTERM(t *testing.T) {
 	t.Run("drains-in-flight", func(t *testing.T) {
-		s := startServer(t, serverOpts{})
-		pid := s.pid()
-		slow := startRequest(t, s.addr, s.port, "/slow?ms=1500", 30*time.Second)
-		mark := s.logs.mark()
-		s.signal(pid, syscall.SIGTERM)
-		s.logs.waitLog(t, mark, "draining", func(l logLine) bool { return l.pid() == pid && l.str("reason") == "stop" }, 5*time.Second)
-		if !waitChan(slow.done, 15*time.Second) {
+		s := itest.StartServer(t, itest.ServerOpts{})
+		pid := s.LivePID()
+		slow := itest.StartRequest(t, s.Addr, s.Port, "/slow?ms=1500", 30*time.Second)
+		mark := s.Logs.Mark()
+		s.Signal(pid, syscall.SIGTERM)
+		s.Logs.Wait(t, mark, "draining", func(l itest.Line) bool { return l.PID() == pid && l.Str("reason") == "stop" }, 5*time.Second)
+		if !itest.WaitChan(slow.Done, 15*time.Second) {
 			t.Fatalf("slow request did not complete")
 		}
-		if slow.err != nil || slow.resp.status != 200 || slow.resp.pid != pid {
+		if slow.Err != nil || slow.Resp.Status != 200 || slow.Resp.PID != pid {
 			t.Errorf("slow request in flight at SIGTERM: %v, want 200 from pid %d", slow, pid)
 		}
-		if !waitChan(s.exited, 15*time.Second) {
-			t.Fatalf("server did not exit within 15s of SIGTERM")
+		// Wait returns once the server was reaped and its output read to
+		// the end: the exiting line, written before the exit, is in Logs.
+		if st := s.Proc.Wait(t, 15*time.Second); st.ExitCode() != 0 {
+			t.Errorf("exit status %d after SIGTERM, want 0 (%v)", st.ExitCode(), st)
 		}
-		if code := s.exitCode(); code != 0 {
-			t.Errorf("exit status %d after SIGTERM, want 0 (%v)", code, s.cmd.ProcessState)
-		}
-		if _, err := os.Stat(s.pidfile); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(s.PIDFile); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("PID file after SIGTERM: stat error %v, want it removed", err)
 		}
-		if _, _, ok := s.logs.first(mark, "exiting", pidIs(pid)); !ok {
+		if _, _, ok := s.Logs.First(mark, "exiting", itest.PIDIs(pid)); !ok {
 			t.Errorf("no exiting log line")
 		}
-		if ps := s.procs(); len(ps) != 0 {
+		if ps := s.Procs(); len(ps) != 0 {
 			t.Errorf("processes left after SIGTERM: %v", ps)
 		}
 	})
 
 	t.Run("drain-timeout-cuts", func(t *testing.T) {
-		s := startServer(t, serverOpts{drainTimeout: "1s"})
-		pid := s.pid()
-		slow := startRequest(t, s.addr, s.port, "/slow?ms=30000", 40*time.Second)
-		mark := s.logs.mark()
-		s.signal(pid, syscall.SIGTERM)
-		if !waitChan(s.exited, 10*time.Second) {
-			t.Fatalf("server with --drain-timeout 1s still running 10s after SIGTERM with a 30s request in flight")
+		s := itest.StartServer(t, itest.ServerOpts{DrainTimeout: "1s"})
+		pid := s.LivePID()
+		slow := itest.StartRequest(t, s.Addr, s.Port, "/slow?ms=30000", 40*time.Second)
+		mark := s.Logs.Mark()
+		s.Signal(pid, syscall.SIGTERM)
+		// With a 30s request in flight, only the 1s drain timeout ends it.
+		if st := s.Proc.Wait(t, 10*time.Second); st.ExitCode() != 0 {
+			t.Errorf("exit status %d after a drain cut, want 0 (%v)", st.ExitCode(), st)
 		}
-		if code := s.exitCode(); code != 0 {
-			t.Errorf("exit status %d after a drain cut, want 0 (%v)", code, s.cmd.ProcessState)
+		d := s.Logs.Wait(t, mark, "drained", itest.PIDIs(pid), 5*time.Second) // all output was read: at once
+		if cut, ok := d.Num("cut"); !ok || cut < 1 {
+			t.Errorf("drained log: cut=%d (present %v), want >= 1: %s", cut, ok, d.Raw)
 		}
-		d := s.logs.waitLog(t, mark, "drained", pidIs(pid), 5*time.Second)
-		if cut, ok := d.num("cut"); !ok || cut < 1 {
-			t.Errorf("drained log: cut=%d (present %v), want >= 1: %s", cut, ok, d.raw)
-		}
-		if !waitChan(slow.done, 5*time.Second) {
+		if !itest.WaitChan(slow.Done, 5*time.Second) {
 			t.Errorf("the cut request's connection is still open after the server exited")
-		} else if slow.err == nil && slow.resp.status == 200 {
+		} else if slow.Err == nil && slow.Resp.Status == 200 {
 			t.Errorf("a 30s request completed with 200 despite a 1s drain timeout: %v", slow)
 		}
-		if _, err := os.Stat(s.pidfile); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(s.PIDFile); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("PID file after SIGTERM: stat error %v, want it removed", err)
 		}
 	})
 
 	t.Run("second-signal-cuts", func(t *testing.T) {
-		s := startServer(t, serverOpts{drainTimeout: "60s"})
-		pid := s.pid()
-		startRequest(t, s.addr, s.port, "/slow?ms=30000", 40*time.Second)
-		mark := s.logs.mark()
-		s.signal(pid, syscall.SIGTERM)
-		s.logs.waitLog(t, mark, "draining", pidIs(pid), 5*time.Second)
-		if !alive(pid) {
+		s := itest.StartServer(t, itest.ServerOpts{DrainTimeout: "60s"})
+		pid := s.LivePID()
+		itest.StartRequest(t, s.Addr, s.Port, "/slow?ms=30000", 40*time.Second)
+		mark := s.Logs.Mark()
+		s.Signal(pid, syscall.SIGTERM)
+		s.Logs.Wait(t, mark, "draining", itest.PIDIs(pid), 5*time.Second)
+		if !itest.Alive(pid) {
 			t.Fatalf("precondition: exited before the second SIGTERM despite a 60s drain timeout and a 30s request")
 		}
-		s.signal(pid, syscall.SIGTERM)
-		if !waitChan(s.exited, 5*time.Second) {
-			t.Fatalf("server still running 5s after a second SIGTERM")
-		}
-		if code := s.exitCode(); code != 0 {
-			t.Errorf("exit status %d after a second SIGTERM, want 0 (%v)", code, s.cmd.ProcessState)
+		s.Signal(pid, syscall.SIGTERM)
+		if st := s.Proc.Wait(t, 5*time.Second); st.ExitCode() != 0 {
+			t.Errorf("exit status %d after a second SIGTERM, want 0 (%v)", st.ExitCode(), st)
 		}
 	})
 }
 
 // g. 50 upgrades: descriptors and processes do not leak across generations.
 func TestFiftyUpgradesNoLeak(t *testing.T) {
-	s := startServer(t, serverOpts{})
+	s := itest.StartServer(t, itest.ServerOpts{})
 	type sample struct {
 		pid, fds int
 		list     []string
 	}
 	var samples []sample
 	for i := 1; i <= 50; i++ {
-		_, newPID := s.upgrade(nextVersion(s.version), 15*time.Second)
-		s.checkOneProcess(t, newPID)
+		_, newPID := s.Upgrade(itest.NextVersion(s.Version), 15*time.Second)
+		s.CheckOneProcess(t, newPID)
 		// Count when the new generation is idle: no connection of ours is
 		// still open on its side (our /healthz requests use Connection: close).
-		eventually(t, 10*time.Second, func() bool { return serverConns(s.port) == 0 }, "no open server-side connection")
-		list, err := fdTargets(newPID)
+		itest.Eventually(t, 10*time.Second, func() bool { return itest.ServerConns(s.Port) == 0 }, "no open server-side connection")
+		list, err := itest.FDTargets(newPID)
 		if err != nil {
 			t.Fatalf("generation %d (pid %d): %v", i+1, newPID, err)
 		}
@@ -532,12 +493,12 @@ func TestFiftyUpgradesNoLeak(t *testing.T) {
 				g.n, g.pid, g.fds, g2.pid, g2.fds, strings.Join(g2.list, "\n"), g.n, strings.Join(g.list, "\n"))
 		}
 	}
-	s.checkListener(t, g51.pid)
+	s.CheckListener(t, g51.pid)
 }
 
 // CLI: exit codes and messages.
 func TestCLI(t *testing.T) {
-	b := bins(t)
+	b := itest.Bins(t)
 	dir := t.TempDir()
 
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
@@ -598,7 +559,10 @@ func TestCLI(t *testing.T) {
 			if c.skipReason != "" {
 				t.Skip(c.skipReason)
 			}
-			code, stdout, stderr := runCLI(t, filepath.Join(b, c.bin), dir, c.args...)
+			cmd := exec.Command(filepath.Join(b, c.bin), c.args...)
+			cmd.Dir = dir
+			r := itest.RunCmd(t, 15*time.Second, cmd)
+			code, stdout, stderr := r.Code, r.Stdout, r.Stderr
 			t.Logf("handoff %s: exit %d, stdout %q, stderr %q", strings.Join(c.args, " "), code, firstLine(stdout), firstLine(stderr))
 			if code != c.code {
 				t.Errorf("handoff %s: exit code %d, want %d\nstdout: %s\nstderr: %s", strings.Join(c.args, " "), code, c.code, stdout, stderr)
@@ -611,40 +575,4 @@ func TestCLI(t *testing.T) {
 			}
 		})
 	}
-}
-
-// runCLI runs bin with args in its own process group, for at most 15s.
-func runCLI(t *testing.T, bin, dir string, args ...string) (code int, stdout, stderr string) {
-	t.Helper()
-	var out, errb strings.Builder
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = dir
-	cmd.Stdout = &out
-	cmd.Stderr = &errb
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pgid := cmd.Process.Pid
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
-	t.Cleanup(func() {
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		<-done
-	})
-	if !waitChan(done, 15*time.Second) {
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		<-done
-		t.Fatalf("handoff %s still running after 15s\nstdout: %s\nstderr: %s", strings.Join(args, " "), out.String(), errb.String())
-	}
-	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
-}
-
-func firstLine(s string) string {
-	line, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
-	return line
 }

@@ -17,9 +17,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/handoff-dev/handoff/internal/itest"
 )
 
-var hrunReadyInRE = regexp.MustCompile(`ready in ([0-9.]+) ms`)
+var readyInRE = regexp.MustCompile(`ready in ([0-9.]+) ms`)
 
 func BenchmarkRunNodeUnderLoad(b *testing.B) {
 	const (
@@ -28,19 +30,19 @@ func BenchmarkRunNodeUnderLoad(b *testing.B) {
 		window   = time.Second // "after an upgrade" = [upgrade start, +window)
 		slow     = 800 * time.Millisecond
 	)
-	h := startHrun(b, hrunOpts{readyTimeout: "10s", drainTimeout: "10s"})
-	first := h.servingChild()
+	h := itest.StartRunner(b, itest.RunnerOpts{ReadyTimeout: "10s", DrainTimeout: "10s"})
+	first := h.ServingChild()
 
 	// Peak RSS (VmHWM) of every child of handoff, and of handoff.
 	rss := sampleRSS(b, func() []int {
-		pids := []int{h.pid}
-		for _, k := range hrunKids(h.pid) {
-			pids = append(pids, k.pid)
+		pids := []int{h.PID}
+		for _, k := range itest.Children(h.PID) {
+			pids = append(pids, k.PID)
 		}
 		return pids
 	})
 
-	load := startLoad(b, h.bins, h.addr, rate,
+	load := itest.StartLoad(b, h.Addr, rate,
 		"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", slow.String(), "--samples")
 	b.ResetTimer()
 
@@ -59,16 +61,16 @@ func BenchmarkRunNodeUnderLoad(b *testing.B) {
 			break
 		}
 		start := time.Now()
-		code, out, errOut := hrunCLI(b, h.bins, 60*time.Second, "upgrade", "--pidfile", h.pidfile, "--wait")
+		r := h.UpgradeCLI(b)
 		cli := time.Since(start)
-		m := hrunUpgradedRE.FindStringSubmatch(out)
-		if code != 0 || m == nil {
-			b.Errorf("upgrade %d: handoff upgrade exit %d\nstdout: %s\nstderr: %s", i+1, code, out, errOut)
+		_, newPID, ok := itest.ParseRunUpgraded(r.Stdout)
+		if r.Code != 0 || !ok {
+			b.Errorf("upgrade %d: %v", i+1, r)
 			break
 		}
-		newPID, _ := strconv.Atoi(m[2])
+		out := r.Stdout
 		u := upgrade{benchUpgrade: benchUpgrade{startNs: start.UnixNano(), oldPID: cur, newPID: newPID}, cliMs: float64(cli.Microseconds()) / 1000}
-		if r := hrunReadyInRE.FindStringSubmatch(out); r != nil {
+		if r := readyInRE.FindStringSubmatch(out); r != nil {
 			u.readyMs, _ = strconv.ParseFloat(r[1], 64)
 		}
 		ups = append(ups, u)
@@ -88,12 +90,12 @@ func BenchmarkRunNodeUnderLoad(b *testing.B) {
 	var rssMiB []float64
 	childRSS := map[int]float64{}
 	for p, kib := range rss.kib {
-		if p != h.pid {
+		if p != h.PID {
 			childRSS[p] = float64(kib) / 1024
 			rssMiB = append(rssMiB, childRSS[p])
 		}
 	}
-	handoffMiB := float64(rss.kib[h.pid]) / 1024
+	handoffMiB := float64(rss.kib[h.PID]) / 1024
 	b.ReportMetric(maxOf(rssMiB), "rss-child-max-MiB")
 	b.ReportMetric(percentile(rssMiB, 50), "rss-child-median-MiB")
 	b.ReportMetric(handoffMiB, "rss-handoff-MiB")

@@ -96,6 +96,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 		log.Info("listening", "network", network, "addr", ln.Addr().String())
 		lns = append(lns, ln)
 	}
+	if ml := upg.Moved(); ml != nil {
+		lns = append(lns, ml) // idle connections the previous generation moves here
+	}
 	serveErr := make(chan error, len(lns))
 	for _, ln := range lns {
 		go func() { serveErr <- srv.Serve(ln) }()
@@ -125,13 +128,18 @@ func serveCmd(args []string, stderr io.Writer) int {
 	log.Info("draining", "reason", reason, "in_flight", srv.InFlight(), "timeout", *drainTimeout)
 	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
 	defer cancel()
-	rep, err := srv.Drain(ctx)
+	var rep server.Report
+	if m := upg.Mover(); m != nil {
+		rep, err = srv.DrainTo(ctx, m) // idle connections move to the new generation
+	} else {
+		rep, err = srv.Drain(ctx)
+	}
 	level := slog.LevelInfo
 	if err != nil {
 		level = slog.LevelWarn
 	}
 	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
-		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running,
+		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running, "moved", rep.Moved,
 		"duration", rep.Duration, "cause", errString(err))
 	return code
 }

@@ -25,14 +25,13 @@ type conn struct {
 	st     http.ConnState
 	since  time.Time // when st began
 	closed bool
-}
 
-func (c *conn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	if n > 0 {
-		c.lastRead.Store(time.Now().UnixNano())
-	}
-	return n, err
+	// Moving to the next generation (move.go).
+	movable      bool      // a plain connection whose bytes net/http alone reads
+	stealing     *steal    // a move is asked for: the read deadline is held back
+	offering     bool      // its Read is answering the move right now
+	moved        bool      // it moved: its close here shuts nothing down
+	readDeadline time.Time // the one net/http asked for
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.
@@ -61,6 +60,12 @@ func (c *conn) Close() error {
 	return err
 }
 
+func (c *conn) hasMoved() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.moved
+}
+
 func (c *conn) setState(st http.ConnState) {
 	c.mu.Lock()
 	c.st, c.since = st, time.Now()
@@ -74,9 +79,11 @@ func (c *conn) state() http.ConnState {
 }
 
 // closeIfQuiet closes the connection if it waits for a request (idle, or new),
-// has been quiet for grace since max(its last state change, drainStart), and no
-// request bytes have arrived: neither read by net/http nor waiting in the socket.
-func (c *conn) closeIfQuiet(now, drainStart time.Time, grace time.Duration) bool {
+// has been quiet for grace since max(its last state change, drainStart) (with
+// a negative grace: for idleTimeout since its last state change, as steady
+// state would), and no request bytes have arrived: neither read by net/http nor
+// waiting in the socket.
+func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.Duration) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
@@ -86,7 +93,9 @@ func (c *conn) closeIfQuiet(now, drainStart time.Time, grace time.Duration) bool
 		return false
 	}
 	quiet := c.since
-	if drainStart.After(quiet) {
+	if grace < 0 {
+		grace = idleTimeout
+	} else if drainStart.After(quiet) {
 		quiet = drainStart
 	}
 	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() || pending(c.Conn) {

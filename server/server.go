@@ -96,6 +96,7 @@ type Report struct {
 	ClosedIdle          int           // idle connections closed after IdleGrace
 	ClosedAfterResponse int           // connections closed after their last answer (Connection: close) or by the client
 	Hijacked            int           // hijacked connections (WebSockets...) closed by the application during the drain
+	Moved               int           // idle connections handed to the next generation (DrainTo)
 	Cut                 int           // connections closed at the deadline, requests in flight or not
 	Running             int64         // handlers still running when Drain returned (see AfterCut)
 	Duration            time.Duration // from the start of the drain to its end
@@ -175,6 +176,19 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 // AfterCut at most once ctx has ended; Report.Running counts those that still
 // run. Resources the handlers use can be released after it when Running is 0.
 func (s *Server) Drain(ctx context.Context) (Report, error) {
+	return s.DrainTo(ctx, nil)
+}
+
+// DrainTo is Drain when a next generation serves on: every plain connection
+// (not TLS, not hijacked) waiting for a request, with nothing of it read here,
+// moves to it through m, which serves it as if it had accepted it; the client
+// sees nothing. A connection that cannot move (a request arriving, pipelined
+// bytes buffered here, a failed move) is served here with "Connection: close"
+// or, idle, closed when steady state would close it (IdleTimeout after its last
+// request) or at the deadline, whichever comes first, never sooner: a client
+// that does not check its idle connections then still gets its next answer.
+// With a nil m it is Drain.
+func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	s.init()
 	s.mu.Lock()
 	if s.draining.Swap(true) {
@@ -194,7 +208,13 @@ func (s *Server) Drain(ctx context.Context) (Report, error) {
 	s.serving.Wait()
 
 	var rep Report
+	if m != nil {
+		rep.Moved = s.moveIdle(m)
+	}
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
+	if m != nil {
+		grace = -1 // steady state's rule: IdleTimeout since the last request
+	}
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	var err error
@@ -252,7 +272,7 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for c := range s.conns {
-		if c.closeIfQuiet(now, s.drainStart, grace) {
+		if c.closeIfQuiet(now, s.drainStart, grace, s.srv.IdleTimeout) {
 			delete(s.conns, c)
 			rep.ClosedIdle++
 		}
@@ -275,6 +295,10 @@ func (s *Server) closeAll() int {
 
 func (s *Server) track(nc net.Conn) *conn {
 	c := &conn{Conn: nc, s: s}
+	switch nc.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		c.movable = true
+	}
 	c.setState(http.StateNew)
 	s.mu.Lock()
 	s.conns[c] = struct{}{}
@@ -294,6 +318,8 @@ func (s *Server) forget(c *conn) {
 	case !s.draining.Load():
 	case c.state() == http.StateHijacked:
 		s.hijackedLeft++
+	case c.hasMoved():
+		// counted by moveIdle
 	default:
 		s.closedSelf++
 	}

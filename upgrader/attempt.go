@@ -46,6 +46,7 @@ func (u *Upgrader) attempt() (o outcome) {
 	if err != nil {
 		return outcome{err: err}
 	}
+	moves := false
 	if err := ch.prepare(hello{Generation: u.generation + 1}); err != nil {
 		return outcome{err: fmt.Errorf("prepare child channel: %w", err)}
 	}
@@ -70,8 +71,9 @@ func (u *Upgrader) attempt() (o outcome) {
 		u.log.Warn("new generation is ready but sent no report", "error", err)
 	} else {
 		res.PID, res.Version = r.PID, r.Version
+		moves = r.Moves
 	}
-	return outcome{res: res}
+	return outcome{res: res, moves: moves}
 }
 
 // backstop is how much longer than UpgradeTimeout+AbortTimeout tableflip waits
@@ -201,7 +203,12 @@ func (u *Upgrader) childChannel() (*childChannel, error) {
 		if err != nil {
 			return nil, err
 		}
-		u.children = ch
+		m, err := newMovesOut(u.tf)
+		if err != nil {
+			ch.Close()
+			return nil, err
+		}
+		u.children, u.moves = ch, m
 	}
 	return u.children, nil
 }

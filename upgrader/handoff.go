@@ -47,6 +47,7 @@ type report struct {
 	PID        int    `json:"pid"`
 	Version    string `json:"version"`
 	Generation int    `json:"generation"`
+	Moves      bool   `json:"moves,omitempty"` // it takes moved connections
 }
 
 // scrubInherited removes what tableflip leaves behind in a new process so that it

@@ -37,7 +37,8 @@ func (u *Upgrader) Ready() error {
 			return
 		}
 		// The report goes first: the parent reads it once tableflip says ready.
-		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation}); err != nil {
+		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
+			Moves: u.moved != nil}); err != nil {
 			u.log.Warn("cannot report to previous generation", "error", err)
 			err = nil
 		}
@@ -212,6 +213,7 @@ func (u *Upgrader) Close() error {
 		u.parent.close()
 		u.mu.Lock()
 		u.children.Close()
+		u.moves.Close()
 		handed := u.handedTo != nil
 		u.mu.Unlock()
 		if u.opts.PIDFile != "" && !handed {

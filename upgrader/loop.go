@@ -17,8 +17,9 @@ type request struct {
 }
 
 type outcome struct {
-	res Result
-	err error
+	res   Result
+	err   error
+	moves bool // the new generation takes moved connections
 }
 
 // Upgrade execs a new generation and blocks until it is ready, exits, or the
@@ -167,6 +168,7 @@ func (u *Upgrader) settle(o outcome) bool {
 	}
 	u.mu.Lock()
 	u.handedTo = &o.res
+	u.successorMoves = o.moves
 	u.mu.Unlock()
 	u.log.Info("upgrade succeeded", "new_pid", o.res.PID, "new_version", o.res.Version,
 		"new_generation", o.res.Generation, "duration", o.res.Duration)

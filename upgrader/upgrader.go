@@ -15,6 +15,7 @@ import (
 
 	"github.com/handoff-dev/handoff/internal/control"
 	"github.com/handoff-dev/handoff/internal/gate"
+	"github.com/handoff-dev/handoff/internal/moved"
 	"github.com/handoff-dev/handoff/internal/pidfile"
 	"github.com/handoff-dev/handoff/internal/sdnotify"
 )
@@ -99,15 +100,18 @@ type Upgrader struct {
 	listeners []control.ListenerInfo // for status; guarded by mu
 	sd        sdnotify.Notifier
 
-	mu           sync.Mutex
-	readyBegun   bool     // Ready is under way: a parent's abort comes too late
-	aborted      bool     // the parent gave up on this generation before Ready
-	created      []string // Unix socket paths this generation bound itself
-	handedTo     *Result
-	last         *control.Outcome
-	children     *childChannel // made at the first upgrade
-	stderrPassed bool          // the real stderr is registered with tableflip
-	sigC         chan os.Signal
+	mu             sync.Mutex
+	readyBegun     bool     // Ready is under way: a parent's abort comes too late
+	aborted        bool     // the parent gave up on this generation before Ready
+	created        []string // Unix socket paths this generation bound itself
+	handedTo       *Result
+	last           *control.Outcome
+	children       *childChannel // made at the first upgrade
+	moves          *movesOut     // made at the first upgrade
+	successorMoves bool          // the generation that took over takes moved connections
+	moved          *moved.Listener
+	stderrPassed   bool // the real stderr is registered with tableflip
+	sigC           chan os.Signal
 }
 
 // New starts this process's generation: it inherits the previous generation's
@@ -186,6 +190,9 @@ func New(opts Options) (*Upgrader, error) {
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
 	u.sd = sdnotify.Notifier{Log: u.log}
 	u.phase.Store(gate.Starting)
+	if u.moved, err = u.claimMoves(); err != nil {
+		u.log.Warn("cannot take moved connections", "error", err)
+	}
 	if u.parent != nil {
 		if err := u.parent.sendStarted(); err != nil {
 			u.log.Warn("cannot tell the previous generation this one started", "error", err)

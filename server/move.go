@@ -1,0 +1,258 @@
+package server
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"syscall"
+	"time"
+)
+
+// A Mover carries connections to the next generation of the server, which
+// serves them as if it had accepted them (package upgrader's Upgrader.Mover).
+type Mover interface {
+	// Move passes the descriptors (at most MaxMoveBatch) in one message; on
+	// success the receiver owns its own copies of every one of them, and the
+	// caller's copies may be closed without shutting the connections down.
+	Move(fds []int) error
+}
+
+// MaxMoveBatch is the most descriptors a Mover is given at once (the kernel's
+// SCM_MAX_FD is 253).
+const MaxMoveBatch = 250
+
+// stealWait bounds how long a drain waits for the idle connections it asked to
+// move to answer: each is only waiting in a read, which ends at once.
+const stealWait = time.Second
+
+// httpReadBuf is net/http's read buffer size (bufio.NewReader's default). A
+// read of the next request that asks for all of it finds net/http's buffer
+// empty: the connection is at a request boundary with nothing consumed.
+const httpReadBuf = 4096
+
+// steal is one drain's request that idle connections move.
+type steal struct {
+	offers chan offer
+	done   chan struct{} // closed when the drain stops waiting for offers
+}
+
+// offer is a connection's answer to a steal: fd is -1 when it cannot move.
+type offer struct {
+	c      *conn
+	fd     int
+	result chan bool // true: moved; false: stay (fall back)
+}
+
+// requestMove asks c, if it waits for a request and is a plain connection, to
+// move: its read is interrupted (a deadline in the past) and its Read answers
+// the steal. It reports whether it asked.
+func (c *conn) requestMove(st *steal) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.stealing != nil || !c.movable || (c.st != http.StateIdle && c.st != http.StateNew) {
+		return false
+	}
+	c.stealing = st
+	c.Conn.SetReadDeadline(time.Unix(1, 0))
+	return true
+}
+
+// SetReadDeadline and SetDeadline keep net/http's deadlines, which a move in
+// progress holds back until it is over.
+func (c *conn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.readDeadline = t
+	if c.stealing != nil {
+		return nil
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *conn) SetDeadline(t time.Time) error {
+	if err := c.Conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return c.SetReadDeadline(t)
+}
+
+// endSteal gives the connection its own read deadline back; it stays here.
+func (c *conn) endSteal() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stealing != nil {
+		c.stealing = nil
+		c.movable = false
+		c.Conn.SetReadDeadline(c.readDeadline)
+	}
+}
+
+// cancelSteal is endSteal from the drain's side, for a connection that did not
+// answer in time: only if its Read is not answering right now.
+func (c *conn) cancelSteal(st *steal) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stealing == st && !c.offering {
+		c.stealing = nil
+		c.movable = false
+		c.Conn.SetReadDeadline(c.readDeadline)
+	}
+}
+
+// Read reads for net/http. While a move is asked for, it decides: bytes that
+// arrived first are served here (the move is off); a read interrupted with
+// nothing consumed, and net/http's buffer empty, offers the connection; if it
+// moved, net/http sees the end of the connection and closes its copy.
+func (c *conn) Read(b []byte) (int, error) {
+	for {
+		n, err := c.Conn.Read(b)
+		if n > 0 {
+			c.lastRead.Store(time.Now().UnixNano())
+		}
+		st := c.stealState()
+		if st == nil {
+			if n == 0 && err != nil && isTimeout(err) && !c.deadlinePassed() {
+				continue // the deadline of a move called off meanwhile, not net/http's
+			}
+			return n, err
+		}
+		if n > 0 || err == nil || !isTimeout(err) {
+			c.answer(st, -1)
+			return n, err
+		}
+		if len(b) < httpReadBuf || !c.offerable() {
+			c.answer(st, -1)
+			continue // read again, with net/http's own deadline
+		}
+		if c.answer(st, c.fd()) {
+			return 0, io.EOF
+		}
+	}
+}
+
+// deadlinePassed reports whether net/http's own read deadline has passed.
+func (c *conn) deadlinePassed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.readDeadline.IsZero() && !time.Now().Before(c.readDeadline)
+}
+
+func (c *conn) stealState() *steal {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stealing
+}
+
+// offerable reports whether the connection still waits for a request.
+func (c *conn) offerable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.st == http.StateIdle || c.st == http.StateNew
+}
+
+// answer tells the drain whether c can move (fd >= 0) and, if so, waits for
+// the outcome. On any outcome but "moved" the connection stays and gets its
+// own deadline back.
+func (c *conn) answer(st *steal, fd int) bool {
+	c.mu.Lock()
+	c.offering = true
+	c.mu.Unlock()
+	o := offer{c: c, fd: fd, result: make(chan bool, 1)}
+	moved := false
+	select {
+	case st.offers <- o:
+		if fd >= 0 {
+			moved = <-o.result
+		}
+	case <-st.done:
+	}
+	c.mu.Lock()
+	c.offering = false
+	c.moved = moved
+	c.mu.Unlock()
+	if !moved {
+		c.endSteal()
+	}
+	return moved
+}
+
+// fd is the connection's descriptor, valid until it is closed.
+func (c *conn) fd() int {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return -1
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	fd := -1
+	raw.Control(func(f uintptr) { fd = int(f) })
+	return fd
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// moveIdle moves every connection waiting for a request to the next
+// generation, in batches; those that cannot move stay. It returns how many
+// moved.
+func (s *Server) moveIdle(m Mover) (moved int) {
+	st := &steal{offers: make(chan offer), done: make(chan struct{})}
+	s.mu.Lock()
+	var asked []*conn
+	for c := range s.conns {
+		if c.requestMove(st) {
+			asked = append(asked, c)
+		}
+	}
+	s.mu.Unlock()
+	if len(asked) == 0 {
+		return 0
+	}
+	var batch []offer
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		fds := make([]int, len(batch))
+		for i, o := range batch {
+			fds[i] = o.fd
+		}
+		ok := m.Move(fds) == nil
+		if ok {
+			moved += len(batch)
+		}
+		for _, o := range batch {
+			o.result <- ok
+		}
+		batch = batch[:0]
+	}
+	timeout := time.NewTimer(stealWait)
+	defer timeout.Stop()
+	for answered := 0; answered < len(asked); {
+		select {
+		case o := <-st.offers:
+			answered++
+			if o.fd < 0 {
+				continue
+			}
+			batch = append(batch, o)
+			if len(batch) == MaxMoveBatch {
+				flush()
+			}
+			continue
+		case <-timeout.C:
+		}
+		break
+	}
+	flush()
+	close(st.done)
+	for _, c := range asked {
+		c.cancelSteal(st)
+	}
+	return moved
+}

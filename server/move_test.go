@@ -1,0 +1,251 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/moved"
+)
+
+// pairMover moves descriptors in-process to a second server's Moved
+// listener, as package upgrader does across processes.
+type pairMover struct {
+	to    *moved.Listener
+	fail  atomic.Bool
+	moves atomic.Int64
+}
+
+func (p *pairMover) Move(fds []int) error {
+	if p.fail.Load() {
+		return errors.New("refused")
+	}
+	for _, fd := range fds {
+		nfd, err := unix.Dup(fd)
+		if err != nil {
+			return err
+		}
+		if err := p.to.Add(os.NewFile(uintptr(nfd), "moved")); err != nil {
+			return err
+		}
+	}
+	p.moves.Add(int64(len(fds)))
+	return nil
+}
+
+func whoHandler(name string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, name)
+	})
+}
+
+// rawConn is a client that never checks its idle connection before reuse
+// (like Python's http.client): one request, one answer, in turn.
+type rawConn struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+func rawDial(t *testing.T, addr string) *rawConn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return &rawConn{Conn: c, br: bufio.NewReader(c)}
+}
+
+func (c *rawConn) get(t *testing.T) (body string, closing bool) {
+	t.Helper()
+	_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+	resp, err := http.ReadResponse(c.br, nil)
+	require.NoError(t, err)
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return string(b), resp.Close
+}
+
+func startMoved(t *testing.T, name string) (*Server, *pairMover) {
+	t.Helper()
+	b := &Server{Handler: whoHandler(name)}
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(ml) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		b.Drain(ctx)
+		<-done
+	})
+	return b, &pairMover{to: ml}
+}
+
+// Idle connections move: the drain ends at once, and each client's next
+// request, on the same TCP connection, is answered by the next generation.
+func TestDrainToMovesIdleConnections(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	_, mover := startMoved(t, "new")
+	var clients []*rawConn
+	for range 20 {
+		c := rawDial(t, addr)
+		body, _ := c.get(t)
+		require.Equal(t, "old", body)
+		clients = append(clients, c)
+	}
+	eventually(t, func() bool { return idleCount(a) == 20 }, "20 idle connections")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rep, err := a.DrainTo(ctx, mover)
+	require.NoError(t, err)
+	assert.Equal(t, 20, rep.Moved)
+	assert.Zero(t, rep.ClosedIdle+rep.Cut)
+	for i, c := range clients {
+		body, closing := c.get(t)
+		assert.Equal(t, "new", body, "client %d", i)
+		assert.False(t, closing, "the moved connection stays open")
+	}
+}
+
+// A connection whose next request is arriving is answered by the old
+// generation, once, and closed after; nothing is lost or answered twice.
+func TestDrainToRacingRequestsAnsweredOnce(t *testing.T) {
+	for round := range 20 {
+		a, addr := start(t, whoHandler("old"), time.Hour)
+		_, mover := startMoved(t, "new")
+		var clients []*rawConn
+		for range 10 {
+			c := rawDial(t, addr)
+			c.get(t)
+			clients = append(clients, c)
+		}
+		eventually(t, func() bool { return idleCount(a) == 10 }, "idle")
+		results := make(chan string, len(clients))
+		for _, c := range clients {
+			go func() {
+				_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+				if err != nil {
+					results <- "write: " + err.Error()
+					return
+				}
+				resp, err := http.ReadResponse(c.br, nil)
+				if err != nil {
+					results <- "read: " + err.Error()
+					return
+				}
+				b, _ := io.ReadAll(resp.Body)
+				results <- string(b)
+				// Exactly one answer: nothing more arrives.
+				c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+				if n, _ := c.br.Read(make([]byte, 1)); n > 0 {
+					results <- "a second answer"
+				}
+			}()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := a.DrainTo(ctx, mover)
+		cancel()
+		require.NoError(t, err)
+		for range clients {
+			r := <-results
+			require.Contains(t, []string{"old", "new"}, r, "round %d", round)
+		}
+		select {
+		case r := <-results:
+			t.Fatalf("round %d: %s", round, r)
+		default:
+		}
+	}
+}
+
+// Bytes already buffered by net/http (a pipelined request) keep the old path.
+func TestDrainToKeepsBufferedBytes(t *testing.T) {
+	release := make(chan struct{})
+	a, addr := start(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/wait" {
+			<-release
+		}
+		fmt.Fprint(w, "old")
+	}), time.Hour)
+	_, mover := startMoved(t, "new")
+	c := rawDial(t, addr)
+	// One segment: a request and the first bytes of the next.
+	_, err := io.WriteString(c, "GET /wait HTTP/1.1\r\nHost: x\r\n\r\nGE")
+	require.NoError(t, err)
+	eventually(t, func() bool { return a.InFlight() == 1 }, "in flight")
+	close(release)
+	resp, err := http.ReadResponse(c.br, nil)
+	require.NoError(t, err)
+	io.ReadAll(resp.Body)
+	eventually(t, func() bool { return idleCount(a) == 1 }, "idle with 2 bytes buffered")
+
+	drained := make(chan Report, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		rep, _ := a.DrainTo(ctx, mover)
+		drained <- rep
+	}()
+	eventually(t, func() bool { return a.Draining() }, "draining")
+	_, err = io.WriteString(c, "T / HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+	resp, err = http.ReadResponse(c.br, nil)
+	require.NoError(t, err)
+	b, _ := io.ReadAll(resp.Body)
+	assert.Equal(t, "old", string(b), "the old generation read those bytes: it answers")
+	assert.True(t, resp.Close)
+	rep := <-drained
+	assert.Zero(t, rep.Moved)
+	assert.Zero(t, mover.moves.Load())
+}
+
+// A failed move leaves the connections here; an idle one is not closed sooner
+// than steady state would (here: at the deadline), so the client's next
+// request is answered.
+func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	_, mover := startMoved(t, "new")
+	mover.fail.Store(true)
+	c := rawDial(t, addr)
+	c.get(t)
+	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
+	drained := make(chan Report, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		rep, _ := a.DrainTo(ctx, mover)
+		drained <- rep
+	}()
+	eventually(t, func() bool { return a.Draining() }, "draining")
+	body, closing := c.get(t)
+	assert.Equal(t, "old", body)
+	assert.True(t, closing, "answered with Connection: close")
+	rep := <-drained
+	assert.Zero(t, rep.Moved)
+	assert.Equal(t, 1, rep.ClosedAfterResponse)
+}
+
+func idleCount(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		if c.state() == http.StateIdle {
+			n++
+		}
+	}
+	return n
+}

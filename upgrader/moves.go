@@ -1,0 +1,143 @@
+package upgrader
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/cloudflare/tableflip"
+	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/moved"
+)
+
+// Idle connections move from a generation that hands off to the next one
+// over a SOCK_SEQPACKET socket pair, passed to each child under movesName:
+// one message per batch of descriptors (SCM_RIGHTS). A child that takes it says
+// so in its report ("moves"); an older binary does not, and nothing moves.
+const movesName = "handoff-moves"
+
+// maxMoveBatch matches server.MaxMoveBatch: within the kernel's SCM_MAX_FD.
+const maxMoveBatch = 250
+
+// moveTimeout bounds one batch's send: a successor that stopped reading makes
+// the batch fail, and its connections stay.
+const moveTimeout = 2 * time.Second
+
+// movesOut is a generation's end of the pair, made at its first upgrade.
+type movesOut struct{ conn *net.UnixConn }
+
+func newMovesOut(tf *tableflip.Upgrader) (*movesOut, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("create moves channel: %w", err)
+	}
+	mine, err := fileUnixConn(fds[0], "handoff-moves-parent")
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, err
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "handoff-moves-child")
+	defer theirs.Close() // tableflip keeps its own copy for the children
+	if err := tf.AddFile(movesName, theirs); err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("pass moves channel: %w", err)
+	}
+	return &movesOut{conn: mine}, nil
+}
+
+// Move sends fds, at most maxMoveBatch, in one message.
+func (m *movesOut) Move(fds []int) error {
+	if len(fds) > maxMoveBatch {
+		return fmt.Errorf("move: %d descriptors in one batch (at most %d)", len(fds), maxMoveBatch)
+	}
+	m.conn.SetWriteDeadline(time.Now().Add(moveTimeout))
+	_, _, err := m.conn.WriteMsgUnix([]byte{byte(len(fds))}, unix.UnixRights(fds...), nil)
+	if err != nil {
+		return fmt.Errorf("move connections: %w", err)
+	}
+	return nil
+}
+
+func (m *movesOut) Close() {
+	if m != nil {
+		m.conn.Close()
+	}
+}
+
+// claimMoves takes the moves channel a parent passed, if it did, and feeds
+// what arrives to a listener. It returns nil without one.
+func (u *Upgrader) claimMoves() (*moved.Listener, error) {
+	f, err := u.tf.File(movesName)
+	if err != nil || f == nil {
+		return nil, err
+	}
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("open moves channel: %w", err)
+	}
+	ln := moved.New(&net.UnixAddr{Name: "moved-from-previous-generation", Net: "unix"})
+	go u.receiveMoves(c.(*net.UnixConn), ln)
+	return ln, nil
+}
+
+// receiveMoves hands every descriptor that arrives to ln, until the previous
+// generation closes its end (it exits) or ln is closed.
+func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
+	defer c.Close()
+	buf := make([]byte, 16)
+	oob := make([]byte, unix.CmsgSpace(maxMoveBatch*4))
+	total := 0
+	defer func() {
+		if total > 0 {
+			u.log.Info("connections moved from the previous generation", "count", total)
+		}
+	}()
+	for {
+		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		if err != nil || n == 0 && oobn == 0 {
+			return
+		}
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			continue
+		}
+		for _, m := range msgs {
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				continue
+			}
+			for _, fd := range fds {
+				if ln.Add(os.NewFile(uintptr(fd), "moved")) == nil {
+					total++
+				}
+			}
+		}
+	}
+}
+
+// Moved returns the listener on which this generation receives the idle
+// connections its previous generation moves to it when it drains (package
+// server's DrainTo): serve it like the others (package server's Serve); it is
+// closed with them. It is nil at first start, or when the previous generation
+// cannot move connections (an older binary).
+func (u *Upgrader) Moved() net.Listener {
+	if u.moved == nil {
+		return nil
+	}
+	return u.moved
+}
+
+// Mover returns what moves idle connections to the generation that took over
+// (pass it to package server's DrainTo), or nil when none did or it cannot
+// take them (an older binary): then nothing moves.
+func (u *Upgrader) Mover() interface{ Move(fds []int) error } {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.handedTo == nil || !u.successorMoves || u.moves == nil {
+		return nil
+	}
+	return u.moves
+}

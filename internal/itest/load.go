@@ -72,8 +72,11 @@ func (l *Load) Stop() (*loadgen.Result, time.Duration) {
 	l.tb.Helper()
 	sent := time.Since(l.started)
 	if err := l.cmd.Process.Signal(syscall.SIGINT); err != nil {
-		WaitChan(l.exited, 10*time.Second)
-		l.tb.Fatalf("SIGINT load tool: %v (exit: %v)", err, l.cmd.ProcessState)
+		state := "still running"
+		if WaitChan(l.exited, 10*time.Second) {
+			state = l.cmd.ProcessState.String()
+		}
+		l.tb.Fatalf("SIGINT load tool: %v (%s)", err, state)
 	}
 	if !WaitChan(l.exited, 60*time.Second) {
 		l.tb.Fatalf("load tool did not exit within 60s of SIGINT")

@@ -62,8 +62,9 @@ func ModuleRoot() (string, error) {
 }
 
 // Bins builds, once per test process and concurrently, handoff-v1..v4 (with
-// -X main.version=vN) and the broken programs exit1 and hang (testdata/), and
-// returns the directory that holds them. A failed build fails tb.
+// -X main.version=vN) and every program under testdata/ (testdata/NAME is
+// built as NAME), and returns the directory that holds them. A failed build
+// fails tb.
 func Bins(tb testing.TB) string {
 	tb.Helper()
 	buildOnce.Do(func() { buildDir, buildErr = build() })
@@ -74,8 +75,9 @@ func Bins(tb testing.TB) string {
 }
 
 // Binary returns the path of the built program name: "handoff-v1".."handoff-v4",
-// "exit1" (writes a line to stderr and exits 1) or "hang" (writes a line and
-// blocks). It builds them all the first time (see [Bins]).
+// or a program of testdata/ such as "exit1" (writes a line to stderr and exits
+// 1) or "hang" (writes a line and blocks). It builds them all the first time
+// (see [Bins]).
 func Binary(tb testing.TB, name string) string {
 	tb.Helper()
 	return filepath.Join(Bins(tb), name)
@@ -98,7 +100,18 @@ func build() (string, error) {
 	for _, v := range Versions {
 		jobs = append(jobs, job{"handoff-" + v, []string{"-ldflags", "-X main.version=" + v, "."}})
 	}
-	jobs = append(jobs, job{"exit1", []string{"./testdata/exit1"}}, job{"hang", []string{"./testdata/hang"}})
+	progs, err := filepath.Glob(filepath.Join(root, "testdata", "*", "*.go"))
+	if err != nil {
+		return "", err
+	}
+	seen := map[string]bool{}
+	for _, p := range progs {
+		name := filepath.Base(filepath.Dir(p))
+		if !seen[name] {
+			seen[name] = true
+			jobs = append(jobs, job{name, []string{"./testdata/" + name}})
+		}
+	}
 	errs := make([]error, len(jobs))
 	var wg sync.WaitGroup
 	for i, j := range jobs {

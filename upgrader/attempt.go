@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -177,6 +178,11 @@ func (u *Upgrader) preflight() error {
 	u.log.Info("preflight", "binary", u.binary, "args", u.opts.Preflight)
 	cmd := exec.CommandContext(ctx, u.binary, u.opts.Preflight...)
 	cmd.Dir = filepath.Dir(u.binary)
+	// Its own process group, killed whole: a wrapper's forked children would
+	// otherwise hold the output pipe and the wait.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
 	out, err := cmd.CombinedOutput()
 	if err == nil {
 		return nil

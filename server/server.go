@@ -31,6 +31,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -187,8 +188,13 @@ func (s *Server) Drain(ctx context.Context) (Report, error) {
 // or, idle, closed when steady state would close it (IdleTimeout after its last
 // request) or at the deadline, whichever comes first, never sooner: a client
 // that does not check its idle connections then still gets its next answer.
-// With a nil m it is Drain.
+// With a nil m (or a nil Mover in it) it is Drain.
 func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
+	if m != nil {
+		if v := reflect.ValueOf(m); v.Kind() == reflect.Pointer && v.IsNil() {
+			m = nil
+		}
+	}
 	s.init()
 	s.mu.Lock()
 	if s.draining.Swap(true) {

@@ -34,6 +34,9 @@ func Example() {
 		io.WriteString(w, "Hello World !!!")
 	})}
 	go srv.Serve(ln)
+	if moved := upg.Moved(); moved != nil {
+		go srv.Serve(moved) // idle connections the previous generation hands over
+	}
 	if err := upg.Ready(); err != nil {
 		log.Error("cannot become ready", "error", err)
 		os.Exit(1)
@@ -42,7 +45,8 @@ func Example() {
 	<-upg.Done() // a new generation is ready, or a stop was asked for
 	ctx, cancel := upg.DrainContext(context.Background(), 30*time.Second)
 	defer cancel()
-	report, err := srv.Drain(ctx)
-	log.Info("drained", "requests", report.Requests, "cut", report.Cut, "error", err)
-	// Close databases and files here.
+	// After a handoff, idle keep-alive connections move to the new generation.
+	report, err := srv.DrainTo(ctx, upg.Mover())
+	log.Info("drained", "requests", report.Requests, "moved", report.Moved, "cut", report.Cut, "error", err)
+	// Close databases and files here: no handler runs any more.
 }

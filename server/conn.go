@@ -31,6 +31,7 @@ type conn struct {
 	stealing     *steal    // a move is asked for: the read deadline is held back
 	offering     bool      // its Read is answering the move right now
 	moved        bool      // it moved: its close here shuts nothing down
+	http2        bool      // it speaks HTTP/2: it drains with GOAWAY
 	readDeadline time.Time // the one net/http asked for
 }
 
@@ -58,6 +59,25 @@ func (c *conn) Close() error {
 	err := c.Conn.Close()
 	c.s.forget(c)
 	return err
+}
+
+func (c *conn) isHTTP2() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.http2
+}
+
+// NetConn returns the connection accepted from the listener, as *tls.Conn and
+// other wrappers do, for libraries that reach for it (hijacked connections).
+func (c *conn) NetConn() net.Conn { return c.Conn }
+
+// SyscallConn gives the descriptor, as *net.TCPConn does.
+func (c *conn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("server: connection has no descriptor")
+	}
+	return sc.SyscallConn()
 }
 
 func (c *conn) hasMoved() bool {
@@ -138,6 +158,7 @@ func pending(nc net.Conn) bool {
 type responseWriter struct {
 	http.ResponseWriter
 	s           *Server
+	h1          bool // HTTP/1.x: "Connection: close" applies (HTTP/2 drains with GOAWAY)
 	wroteHeader bool
 	hijacked    bool
 }
@@ -147,7 +168,7 @@ func (w *responseWriter) beforeHeader() {
 		return
 	}
 	w.wroteHeader = true
-	if w.s.draining.Load() {
+	if w.h1 && w.s.draining.Load() {
 		w.Header().Set("Connection", "close")
 	}
 }

@@ -71,10 +71,20 @@ type Server struct {
 	AfterCut time.Duration
 	// Logger receives net/http's own error lines. Nil means none.
 	Logger *slog.Logger
+	// HTTP, if set, is the http.Server to serve with, and every one of its
+	// fields is honoured (TLSConfig, Protocols, WriteTimeout, MaxHeaderBytes,
+	// ConnContext, ErrorLog...), except that its Handler is wrapped, its
+	// ConnState chained, and a zero ReadHeaderTimeout or IdleTimeout gets the
+	// default above. Server takes it over: do not serve with it elsewhere. Nil
+	// means one made of the fields above. Handler, ReadHeaderTimeout,
+	// IdleTimeout and Logger are ignored when it is set.
+	HTTP *http.Server
 
 	initOnce sync.Once
 	srv      *http.Server
+	h2       *http.Server // holds net/http's HTTP/2 server: its Shutdown sends GOAWAY (see h2.go)
 
+	initErr  error
 	draining atomic.Bool
 	inFlight atomic.Int64
 	idle     chan struct{} // a token when inFlight drops to zero while draining
@@ -98,6 +108,7 @@ type Report struct {
 	ClosedAfterResponse int           // connections closed after their last answer (Connection: close) or by the client
 	Hijacked            int           // hijacked connections (WebSockets...) closed by the application during the drain
 	Moved               int           // idle connections handed to the next generation (DrainTo)
+	HTTP2               int           // HTTP/2 connections sent GOAWAY; each closes once its streams are answered
 	Cut                 int           // connections closed at the deadline, requests in flight or not
 	Running             int64         // handlers still running when Drain returned (see AfterCut)
 	Duration            time.Duration // from the start of the drain to its end
@@ -108,19 +119,29 @@ var ErrDraining = errors.New("server is draining")
 
 func (s *Server) init() {
 	s.initOnce.Do(func() {
-		h := s.Handler
+		if s.HTTP != nil {
+			s.srv = s.HTTP
+		} else {
+			s.srv = &http.Server{Handler: s.Handler, ReadHeaderTimeout: s.ReadHeaderTimeout, IdleTimeout: s.IdleTimeout}
+			if s.Logger != nil {
+				s.srv.ErrorLog = slog.NewLogLogger(s.Logger.Handler(), slog.LevelWarn)
+			}
+		}
+		h := s.srv.Handler
 		if h == nil {
 			h = http.DefaultServeMux
 		}
-		s.srv = &http.Server{
-			Handler:           s.wrap(h),
-			ReadHeaderTimeout: orDefault(s.ReadHeaderTimeout, DefaultReadHeaderTimeout),
-			IdleTimeout:       orDefault(s.IdleTimeout, DefaultIdleTimeout),
-			ConnState:         s.connState,
+		s.srv.Handler = s.wrap(h)
+		s.srv.ReadHeaderTimeout = orDefault(s.srv.ReadHeaderTimeout, DefaultReadHeaderTimeout)
+		s.srv.IdleTimeout = orDefault(s.srv.IdleTimeout, DefaultIdleTimeout)
+		chained := s.srv.ConnState
+		s.srv.ConnState = func(nc net.Conn, st http.ConnState) {
+			s.connState(nc, st)
+			if chained != nil {
+				chained(nc, st)
+			}
 		}
-		if s.Logger != nil {
-			s.srv.ErrorLog = slog.NewLogLogger(s.Logger.Handler(), slog.LevelWarn)
-		}
+		s.initErr = s.setupHTTP2()
 		s.idle = make(chan struct{}, 1)
 		s.listeners = make(map[*listener]struct{})
 		s.conns = make(map[*conn]struct{})
@@ -137,8 +158,25 @@ func orDefault(d, def time.Duration) time.Duration {
 // Serve accepts connections on ln and serves them until Drain closes it; it then
 // returns ErrDraining. Serve may be called for several listeners at once.
 func (s *Server) Serve(ln net.Listener) error {
+	return s.serve(ln, false, "", "")
+}
+
+// ServeTLS is Serve over TLS, with HTTP/2 (ALPN "h2") unless the HTTP
+// template's Protocols leave it out: net/http terminates TLS, so handlers see
+// r.TLS. certFile and keyFile are as for http.Server.ServeTLS: they may be
+// empty when HTTP.TLSConfig has the certificates (or GetCertificate).
+// Connections served over TLS never move (their keys live in this process).
+func (s *Server) ServeTLS(ln net.Listener, certFile, keyFile string) error {
+	return s.serve(ln, true, certFile, keyFile)
+}
+
+func (s *Server) serve(ln net.Listener, tls bool, certFile, keyFile string) error {
 	s.init()
-	l := &listener{Listener: ln, s: s}
+	if s.initErr != nil {
+		ln.Close()
+		return s.initErr
+	}
+	l := &listener{Listener: ln, s: s, tls: tls}
 	s.mu.Lock()
 	if s.draining.Load() {
 		s.mu.Unlock()
@@ -149,7 +187,12 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.serving.Add(1)
 	s.mu.Unlock()
 	defer s.serving.Done()
-	err := s.srv.Serve(l)
+	var err error
+	if tls {
+		err = s.srv.ServeTLS(l, certFile, keyFile)
+	} else {
+		err = s.srv.Serve(l)
+	}
 	if s.draining.Load() {
 		return ErrDraining
 	}
@@ -214,6 +257,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	s.serving.Wait()
 
 	var rep Report
+	rep.HTTP2 = s.goAway()
 	if m != nil {
 		rep.Moved = s.moveIdle(m)
 	}
@@ -332,8 +376,8 @@ func (s *Server) forget(c *conn) {
 }
 
 func (s *Server) connState(nc net.Conn, st http.ConnState) {
-	c, ok := nc.(*conn)
-	if !ok {
+	c := ours(nc)
+	if c == nil {
 		return
 	}
 	switch st {
@@ -348,7 +392,7 @@ func (s *Server) connState(nc net.Conn, st http.ConnState) {
 // answer so that net/http closes the connection after it.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rw := &responseWriter{ResponseWriter: w, s: s}
+		rw := &responseWriter{ResponseWriter: w, s: s, h1: r.ProtoMajor == 1}
 		s.inFlight.Add(1)
 		defer func() {
 			left := s.inFlight.Add(-1)
@@ -371,7 +415,8 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 
 type listener struct {
 	net.Listener
-	s *Server
+	s   *Server
+	tls bool // served over TLS: its connections never move
 }
 
 func (l *listener) Accept() (net.Conn, error) {
@@ -379,5 +424,11 @@ func (l *listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return l.s.track(nc), nil
+	c := l.s.track(nc)
+	if l.tls {
+		c.mu.Lock()
+		c.movable = false
+		c.mu.Unlock()
+	}
+	return c, nil
 }

@@ -14,10 +14,12 @@ import (
 const maxSlowMS = 60000
 
 // newMux is the reference application: / and /hello/{name} greet, /healthz
-// answers ok, /slow?ms=N answers after N milliseconds; every response carries
-// the serving process's PID and version in Handoff-Pid and Handoff-Version.
-func newMux() http.Handler {
+// answers ok, /slow?ms=N answers after N milliseconds, /ws echoes WebSocket
+// messages (ws.go); every response carries the serving process's PID and
+// version in Handoff-Pid and Handoff-Version.
+func newMux(hub *wsHub) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ws", hub.serveWS)
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "Hello World !!!")
 	})

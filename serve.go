@@ -3,12 +3,14 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -32,6 +34,8 @@ func serveCmd(args []string, stderr io.Writer) int {
 	controlPath := fs.String("control", "", "control socket for handoff upgrade and status (default: the PID file's path + .sock)")
 	preflight := fs.Bool("preflight", false, "before an upgrade, run the new binary with these flags and --check; a failure stops the upgrade")
 	check := fs.Bool("check", false, "check the flags and what they name, print the verdict and exit (0 when fine)")
+	tlsCert := fs.String("tls-cert", "", "serve HTTPS (and HTTP/2) on every --listen with this certificate (PEM); read by each generation, so an upgrade rotates it")
+	tlsKey := fs.String("tls-key", "", "the key of --tls-cert (PEM)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -48,7 +52,26 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{defaultListen}
 	}
-	srv := &server.Server{Handler: newMux()}
+	if (*tlsCert == "") != (*tlsKey == "") {
+		return fail(stderr, exitUsage, "handoff serve: --tls-cert and --tls-key go together")
+	}
+	hub := newWSHub()
+	httpSrv := &http.Server{Handler: newMux(hub)}
+	if *tlsCert != "" {
+		// Each generation reads the files: an upgrade is how certificates rotate.
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			return fail(stderr, exitFailure, "handoff serve: load certificate: %v", err)
+		}
+		httpSrv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	} else {
+		var p http.Protocols // plaintext: HTTP/1.1, and HTTP/2 with prior knowledge (h2c)
+		p.SetHTTP1(true)
+		p.SetUnencryptedHTTP2(true)
+		httpSrv.Protocols = &p
+	}
+	srv := &server.Server{HTTP: httpSrv}
+	srv.RegisterOnDrain(hub.closeAll)
 	opts := upgrader.Options{
 		PIDFile:        *pidFile,
 		UpgradeTimeout: *upgradeTimeout,
@@ -80,7 +103,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	upg.HandleSignals()
 	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
 
-	srv.Logger = log
+	httpSrv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	// Every listener first: a generation that cannot take them all serves on
 	// none, so it has accepted nothing when it exits.
 	var lns []net.Listener
@@ -101,7 +124,11 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	serveErr := make(chan error, len(lns))
 	for _, ln := range lns {
-		go func() { serveErr <- srv.Serve(ln) }()
+		if httpSrv.TLSConfig != nil && ln != upg.Moved() {
+			go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
+		} else {
+			go func() { serveErr <- srv.Serve(ln) }()
+		}
 	}
 	code := exitOK
 	if err := upg.Ready(); err != nil {
@@ -139,7 +166,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		level = slog.LevelWarn
 	}
 	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
-		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running, "moved", rep.Moved,
+		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running, "moved", rep.Moved, "http2", rep.HTTP2,
 		"duration", rep.Duration, "cause", errString(err))
 	return code
 }

@@ -71,7 +71,7 @@ func (u *Upgrader) claimActivated(network, addr string) (net.Listener, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	for i, a := range u.activated {
-		if !sameAddr(network, addr, a) {
+		if a.ln == nil || !sameAddr(network, addr, a) {
 			continue
 		}
 		u.activated = append(u.activated[:i], u.activated[i+1:]...)
@@ -84,8 +84,42 @@ func (u *Upgrader) claimActivated(network, addr string) (net.Listener, error) {
 	return nil, nil
 }
 
+// claimActivatedPacket is claimActivated for datagram sockets.
+func (u *Upgrader) claimActivatedPacket(network, addr string) (net.PacketConn, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for i, a := range u.activated {
+		if a.pc == nil || !sameAddr(network, addr, a) {
+			continue
+		}
+		u.activated = append(u.activated[:i], u.activated[i+1:]...)
+		if err := u.tf.AddPacketConn(network, addr, a.pc.(tableflip.PacketConn)); err != nil {
+			a.pc.Close()
+			return nil, fmt.Errorf("hand on socket from systemd: %w", err)
+		}
+		return a.pc, nil
+	}
+	return nil, nil
+}
+
 // ListenPacket is Listen for datagram sockets ("udp", "udp4", "udp6", "unixgram").
 func (u *Upgrader) ListenPacket(network, addr string) (net.PacketConn, error) {
+	pc, err := u.listenPacket(network, addr)
+	if err == nil {
+		u.mu.Lock()
+		u.listeners = append(u.listeners, control.ListenerInfo{Network: network, Addr: pc.LocalAddr().String()})
+		u.mu.Unlock()
+	}
+	return pc, err
+}
+
+func (u *Upgrader) listenPacket(network, addr string) (net.PacketConn, error) {
+	if pc, err := u.tf.PacketConn(network, addr); pc != nil || err != nil {
+		return pc, err
+	}
+	if pc, err := u.claimActivatedPacket(network, addr); pc != nil || err != nil {
+		return pc, err
+	}
 	var lerr error
 	pc, err := u.tf.ListenPacketWithCallback(network, addr, func(network, addr string) (net.PacketConn, error) {
 		pc, err := new(net.ListenConfig).ListenPacket(context.Background(), network, addr)
@@ -105,8 +139,8 @@ func (u *Upgrader) closeActivated() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	for _, a := range u.activated {
-		u.log.Warn("socket from systemd not used by any listener: closing it", "name", a.name, "addr", a.ln.Addr().String())
-		a.ln.Close()
+		u.log.Warn("socket from systemd not used by any listener: closing it", "name", a.name, "addr", a.addr().String())
+		a.Close()
 	}
 	u.activated = nil
 }

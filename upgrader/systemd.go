@@ -3,8 +3,10 @@ package upgrader
 import (
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/coreos/go-systemd/v22/activation"
+	"golang.org/x/sys/unix"
 )
 
 // systemd integration, through go-systemd:
@@ -23,10 +25,26 @@ import (
 // NOTIFY_SOCKET stays in the environment: every generation needs it. The
 // notification sequence itself is internal/sdnotify's.
 
-// activated is a listener systemd passed at first start.
+// activated is a socket systemd passed at first start: a listener
+// (ListenStream=) or a datagram socket (ListenDatagram=).
 type activated struct {
 	name string
-	ln   net.Listener
+	ln   net.Listener   // a stream socket
+	pc   net.PacketConn // a datagram socket
+}
+
+func (a activated) addr() net.Addr {
+	if a.pc != nil {
+		return a.pc.LocalAddr()
+	}
+	return a.ln.Addr()
+}
+
+func (a activated) Close() error {
+	if a.pc != nil {
+		return a.pc.Close()
+	}
+	return a.ln.Close()
 }
 
 // takeActivated adopts systemd's sockets; it unsets LISTEN_* so that they reach
@@ -34,29 +52,54 @@ type activated struct {
 func takeActivated() ([]activated, error) {
 	var out []activated
 	for _, f := range activation.Files(true) {
-		ln, err := net.FileListener(f)
+		a, err := adopt(f)
 		f.Close()
 		if err != nil {
 			for _, a := range out {
-				a.ln.Close()
+				a.Close()
 			}
 			return nil, fmt.Errorf("use socket %s from systemd: %w", f.Name(), err)
 		}
-		out = append(out, activated{name: f.Name(), ln: ln})
+		out = append(out, a)
 	}
 	return out, nil
+}
+
+// adopt makes a listener or a packet socket of f, as its type says.
+func adopt(f *os.File) (activated, error) {
+	typ, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return activated{}, fmt.Errorf("socket type: %w", err)
+	}
+	a := activated{name: f.Name()}
+	if typ == unix.SOCK_DGRAM {
+		a.pc, err = net.FilePacketConn(f)
+	} else {
+		a.ln, err = net.FileListener(f)
+	}
+	return a, err
 }
 
 // sameAddr reports whether a listener bound to have serves the network and
 // address a caller asks for (an address or systemd's name for the socket).
 func sameAddr(network, want string, a activated) bool {
-	have := a.ln.Addr()
+	have := a.addr()
 	if want == a.name {
 		return true
 	}
 	switch network {
-	case "unix":
-		return have.Network() == "unix" && have.String() == want
+	case "unix", "unixgram":
+		return have.Network() == network && have.String() == want
+	case "udp", "udp4", "udp6":
+		h, ok := have.(*net.UDPAddr)
+		if !ok {
+			return false
+		}
+		w, err := net.ResolveUDPAddr(network, want)
+		if err != nil || w.Port != h.Port {
+			return false
+		}
+		return w.IP.Equal(h.IP) || (len(w.IP) == 0 || w.IP.IsUnspecified()) && h.IP.IsUnspecified()
 	case "tcp", "tcp4", "tcp6":
 		h, ok := have.(*net.TCPAddr)
 		if !ok {

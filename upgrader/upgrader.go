@@ -205,7 +205,7 @@ func New(opts Options) (*Upgrader, error) {
 			"run under an init (docker run --init, tini) or under `handoff run`")
 	}
 	for _, a := range u.activated {
-		u.log.Info("socket from systemd", "name", a.name, "addr", a.ln.Addr().String())
+		u.log.Info("socket from systemd", "name", a.name, "addr", a.addr().String())
 	}
 	if opts.ControlPath != "" {
 		if u.control, err = u.listenControl(opts.ControlPath); err != nil {

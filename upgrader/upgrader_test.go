@@ -157,7 +157,7 @@ func TestUpgradeOutcomes(t *testing.T) {
 		assert.Equal(t, os.Getpid(), st.PID)
 		assert.Equal(t, gate.Serving, st.Phase)
 		assert.Equal(t, "v-parent", st.Version)
-		assert.Equal(t, []control.ListenerInfo{{Network: "tcp", Addr: ln.Addr().String()}, {Network: "unix", Addr: ul.Addr().String()}}, st.Listeners)
+		assert.Equal(t, []control.ListenerInfo{{Network: "tcp", Addr: ln.Addr().String()}, {Network: "udp", Addr: pc.LocalAddr().String()}, {Network: "unix", Addr: ul.Addr().String()}}, st.Listeners)
 	})
 
 	binary := u.binary

@@ -121,7 +121,14 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "listening: %s %s\n", l.Network, l.Addr)
 	}
 	for _, c := range st.Children {
-		fmt.Fprintf(stdout, "child: pid %d, %s since %s\n", c.PID, c.Phase, c.Started.Format(time.RFC3339))
+		fmt.Fprintf(stdout, "child: pid %d, instance %d, %s since %s", c.PID, c.Instance, c.Phase, c.Started.Format(time.RFC3339))
+		if !c.Ready.IsZero() {
+			fmt.Fprintf(stdout, ", ready in %.1f ms", float64(c.Ready.Sub(c.Started).Microseconds())/1000)
+		}
+		if c.Restarts > 0 {
+			fmt.Fprintf(stdout, ", %d restarts", c.Restarts)
+		}
+		fmt.Fprintln(stdout)
 	}
 	if o := st.LastUpgrade; o != nil {
 		verdict := "ok"

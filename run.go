@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,8 +36,17 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	drainTimeout := fs.Duration("drain-timeout", supervisor.DefaultDrainTimeout, "how long an old child may drain before SIGKILL")
 	stopSignal := fs.String("stop-signal", "TERM", "signal that tells a child to drain and exit")
 	logFormat := fs.String("log-format", "text", "text or json")
+	instancesFlag := fs.String("instances", "1", "how many children serve at once on the same sockets, or max (one per CPU)")
+	maxSurge := fs.Int("max-surge", 0, "during an upgrade, replace this many children at a time (0: the whole set at once)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
+	}
+	instances, ok := parseInstances(*instancesFlag)
+	if !ok {
+		return fail(stderr, exitUsage, "handoff run: --instances must be a number from 1, or max, not %q", *instancesFlag)
+	}
+	if *maxSurge < 0 {
+		return fail(stderr, exitUsage, "handoff run: --max-surge must not be negative")
 	}
 	command := fs.Args()
 	if len(command) == 0 {
@@ -87,6 +97,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	sup, err := supervisor.New(supervisor.Options{
 		Command: command, Listeners: listeners, Shim: []string{"/proc/self/exe", supervisor.ShimCommand},
 		ReadyTimeout: *readyTimeout, ReadyDelay: *readyDelay, DrainTimeout: *drainTimeout, StopSignal: sig,
+		Instances: instances, MaxSurge: *maxSurge,
 		Stdout: stdout, Stderr: stderr, Logger: log, Version: version,
 	})
 	if err != nil {
@@ -170,4 +181,13 @@ func signalByName(name string) (syscall.Signal, bool) {
 		}
 	}
 	return 0, false
+}
+
+// parseInstances reads --instances: a number from 1, or max for one per CPU.
+func parseInstances(v string) (int, bool) {
+	if v == "max" {
+		return runtime.NumCPU(), true
+	}
+	n, err := strconv.Atoi(v)
+	return n, err == nil && n >= 1 && n <= 1024
 }

@@ -169,6 +169,12 @@ func (u *Upgrader) stopTableflip() {
 		return
 	}
 	u.tf.Stop()
+	// tableflip unlinks the Unix socket files from its own goroutine: wait for
+	// it, or this process could exit first and leave them behind.
+	select {
+	case <-u.tf.Exit():
+	case <-time.After(time.Second):
+	}
 }
 
 // abandoned is called when the previous generation gives up on this one

@@ -100,9 +100,12 @@ type Status struct {
 
 // ChildStatus is one process that handoff run supervises.
 type ChildStatus struct {
-	PID     int        `json:"pid"`
-	Phase   ChildPhase `json:"phase"`
-	Started time.Time  `json:"started"`
+	PID      int        `json:"pid"`
+	Instance int        `json:"instance"`
+	Phase    ChildPhase `json:"phase"`
+	Started  time.Time  `json:"started"`
+	Ready    time.Time  `json:"ready,omitzero"`     // when it became ready
+	Restarts int        `json:"restarts,omitempty"` // of its instance before it (crashes)
 }
 
 // ChildPhase is where a child of handoff run is in its life.

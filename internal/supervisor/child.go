@@ -26,6 +26,8 @@ const (
 	// EnvReadyFd names the descriptor on which a child that cannot send to a
 	// datagram socket (Node.js) writes the line "READY=1" when it is ready.
 	EnvReadyFd = "HANDOFF_READY_FD"
+	// EnvInstance is the child's instance number, from 0 (--instances).
+	EnvInstance = "HANDOFF_INSTANCE"
 )
 
 // listenFdsStart is where socket activation puts the first descriptor.
@@ -34,8 +36,11 @@ const listenFdsStart = 3
 // child is one supervised process.
 type child struct {
 	pid        int
+	instance   int // 0 to Instances-1, in its environment as HANDOFF_INSTANCE
 	generation int
 	started    time.Time
+	readyAt    time.Time
+	restarts   int // of its instance before it
 	phase      control.ChildPhase
 
 	timedOut bool // killed for not becoming ready in time
@@ -49,9 +54,10 @@ type child struct {
 
 // spawn starts a child with the listeners from fd 3 and its readiness channels;
 // it reports "ready" to events.
-func (s *Supervisor) spawn(generation int) (*child, error) {
-	c := &child{generation: generation, started: time.Now(), phase: control.ChildStarting}
-	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(generation)+".sock")
+func (s *Supervisor) spawn(generation, instance int) (*child, error) {
+	c := &child{generation: generation, instance: instance, started: time.Now(), phase: control.ChildStarting}
+	s.spawned++
+	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(s.spawned)+".sock")
 	var err error
 	c.notify, err = net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
 	if err != nil {
@@ -101,6 +107,7 @@ func (s *Supervisor) spawn(generation int) (*child, error) {
 		envListenFdNames+"="+strings.Join(names, ":"),
 		envNotifySocket+"="+notifyPath,
 		EnvReadyFd+"="+strconv.Itoa(readyFd),
+		EnvInstance+"="+strconv.Itoa(instance),
 	)
 	argv := append(append([]string(nil), s.opts.Shim...), s.opts.Command...)
 	c.output.Add(2) // before the exit callback can wait on it
@@ -163,7 +170,7 @@ func cleanEnv(env []string) []string {
 	for _, kv := range env {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case envListenFds, envListenFdNames, envListenPID, envNotifySocket, EnvReadyFd, "LISTEN_PIDFDID":
+		case envListenFds, envListenFdNames, envListenPID, envNotifySocket, EnvReadyFd, EnvInstance, "LISTEN_PIDFDID":
 			continue
 		}
 		out = append(out, kv)

@@ -3,6 +3,8 @@ package supervisor
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -22,44 +24,71 @@ const (
 )
 
 type event struct {
-	kind   eventKind
-	pid    int
-	status syscall.WaitStatus
-	how    string
+	kind     eventKind
+	pid      int
+	instance int // evRestart
+	status   syscall.WaitStatus
+	how      string
+}
+
+// set is the loop's view of the children. serving has one child per instance
+// at most; starting holds an upgrade's new children and restarts; draining the
+// children told to stop.
+type set struct {
+	serving  map[int]*child // by instance
+	starting map[int]*child // by PID
+	draining map[int]*child // by PID
+}
+
+// rollout is one replacement of the whole set: the first start, or an
+// upgrade. Instances are replaced MaxSurge at a time (a batch): a batch's new
+// children all become ready, then its old ones are told to stop, and the next
+// batch starts once they have exited.
+type rollout struct {
+	generation int
+	first      bool           // the first start: nothing to replace, nobody to answer
+	pending    []int          // instances not started yet
+	batch      map[int]*child // instance -> new child of the running batch
+	ready      map[int]bool   // instances of the batch that are ready
+	started    time.Time
+	firstPID   int // the first new child, for the verdict
 }
 
 // loop owns the children: events, requests and ctx become its decisions, and
 // the gate decides on upgrade requests.
 func (s *Supervisor) loop(ctx context.Context) error {
 	g := gate.New[request](false)
+	cs := set{serving: map[int]*child{}, starting: map[int]*child{}, draining: map[int]*child{}}
 	var (
-		generation int
-		current    *child // serving
-		starting   *child // not ready yet: an upgrade's new child, or a restart
-		draining   *child // told to stop
-		restarts   int
-		restartAt  *time.Timer
-		lastStart  time.Time
-		attemptAt  time.Time
+		roll       *rollout
+		generation int             // of the serving set
+		restarts   = map[int]int{} // consecutive restarts, by instance
+		lastStart  = map[int]time.Time{}
+		timers     = map[int]*time.Timer{} // pending restarts, by instance
 	)
-	startChild := func(restart bool) error {
-		generation++
-		c, err := s.spawn(generation)
+	n := s.opts.Instances
+	surge := s.opts.MaxSurge
+	if surge <= 0 || surge > n {
+		surge = n
+	}
+	spawn := func(instance, gen int, restart bool) (*child, error) {
+		c, err := s.spawn(gen, instance)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		c.restart = restart
-		starting, lastStart = c, time.Now()
-		if !restart {
-			attemptAt = lastStart
+		if restart {
+			c.restarts = restarts[instance]
 		}
+		cs.starting[c.pid] = c
+		lastStart[instance] = time.Now()
 		s.track(c)
-		s.log.Info("child started", "child_pid", c.pid, "generation", generation, "command", s.opts.Command)
+		s.log.Info("child started", "child_pid", c.pid, "instance", instance, "generation", gen, "command", s.opts.Command)
 		time.AfterFunc(s.opts.ReadyTimeout, func() { s.send(event{kind: evReadyTimeout, pid: c.pid}) })
 		if s.opts.ReadyDelay > 0 {
 			time.AfterFunc(s.opts.ReadyDelay, func() { s.send(event{kind: evReady, pid: c.pid, how: "ready delay"}) })
 		}
-		return nil
+		return c, nil
 	}
 	// answer ends the running attempt with o.
 	answer := func(o outcome) {
@@ -71,43 +100,160 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			s.sd.Failed(o.err)
 		}
 	}
-	begin := func() {
-		s.sd.Reloading()
-		if err := startChild(false); err != nil {
-			answer(outcome{err: err})
-		}
+	stop := func(c *child, why string) {
+		delete(cs.starting, c.pid)
+		s.log.Info(why, "child_pid", c.pid, "instance", c.instance, "signal", s.opts.StopSignal.String())
+		s.stopChild(c)
+		cs.draining[c.pid] = c
+		g.Draining()
 	}
-	restart := func() {
-		if current != nil || starting != nil {
+	restart := func(instance int) {
+		if timers[instance] != nil {
+			timers[instance].Stop()
+			delete(timers, instance)
+		}
+		if cs.serving[instance] != nil || roll != nil && roll.batch[instance] != nil {
 			return
 		}
-		if err := startChild(true); err != nil {
-			s.log.Error("cannot restart child", "error", err)
-			restartAt = s.scheduleRestart(&restarts)
+		for _, c := range cs.starting {
+			if c.instance == instance {
+				return
+			}
+		}
+		if _, err := spawn(instance, generation, true); err != nil {
+			s.log.Error("cannot restart child", "instance", instance, "error", err)
+			timers[instance] = s.scheduleRestart(instance, restarts)
 		}
 	}
-	if err := startChild(false); err != nil {
-		return fmt.Errorf("%w: %w", ErrChildFailed, err)
+	// startBatch starts the next instances of the rollout; it reports a
+	// failure to start one.
+	startBatch := func() error {
+		k := min(surge, len(roll.pending))
+		if roll.first {
+			k = len(roll.pending) // nothing to replace: all at once
+		}
+		insts := roll.pending[:k]
+		roll.pending = roll.pending[k:]
+		roll.batch, roll.ready = map[int]*child{}, map[int]bool{}
+		for _, inst := range insts {
+			c, err := spawn(inst, roll.generation, false)
+			if err != nil {
+				return err
+			}
+			roll.batch[inst] = c
+			if roll.firstPID == 0 {
+				roll.firstPID = c.pid
+			}
+		}
+		return nil
 	}
-	first := true
+	// fail ends the rollout: the new children of the running batch may have
+	// accepted connections, so they are stopped gracefully; the old set keeps
+	// serving, and an instance left with no child restarts at once.
+	fail := func(err error) error {
+		r := roll
+		roll = nil
+		for _, c := range r.batch {
+			if _, ok := cs.starting[c.pid]; ok {
+				stop(c, "stopping the failed upgrade's new child")
+			}
+		}
+		s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error())
+		if r.first {
+			return fmt.Errorf("%w: %w", ErrChildFailed, err)
+		}
+		answer(outcome{err: err})
+		for inst := range n {
+			if cs.serving[inst] == nil {
+				restart(inst)
+			}
+		}
+		return nil
+	}
+	begin := func(first bool) error {
+		roll = &rollout{generation: generation + 1, first: first, pending: slices.Collect(rangeN(n)), started: time.Now()}
+		if !first {
+			s.sd.Reloading()
+		}
+		if err := startBatch(); err != nil {
+			return fail(err)
+		}
+		return nil
+	}
+	// promote makes a ready batch serve and stops the children it replaces.
+	promote := func() {
+		for inst, c := range roll.batch {
+			delete(cs.starting, c.pid)
+			s.setReady(c)
+			if old := cs.serving[inst]; old != nil {
+				stop(old, "draining old child")
+			}
+			for _, r := range cs.starting { // a restart of this instance is not needed any more
+				if r.instance == inst && r.restart {
+					stop(r, "stopping a restart made unneeded by the upgrade")
+				}
+			}
+			cs.serving[inst] = c
+		}
+		first := roll.first
+		roll.batch, roll.ready = nil, nil
+		if !first {
+			g.Ready()
+		}
+	}
+	// advance moves the rollout on: the next batch once the drains are over,
+	// or the end.
+	advance := func() error {
+		if roll == nil || roll.batch != nil {
+			return nil
+		}
+		if len(roll.pending) > 0 {
+			if len(cs.draining) > 0 {
+				return nil // within --max-surge: the next batch waits for the drains
+			}
+			if err := startBatch(); err != nil {
+				return fail(err)
+			}
+			return nil
+		}
+		r := roll
+		roll = nil
+		generation = r.generation
+		res := control.Result{PID: r.firstPID, Generation: r.generation, Version: s.opts.Version, Duration: time.Since(r.started)}
+		s.sd.Ready(0, fmt.Sprintf("serving: %d of %d children, generation %d", len(cs.serving), n, generation))
+		if r.first {
+			g.Ready()
+			s.log.Info("ready", "instances", n)
+			return nil
+		}
+		s.log.Info("upgrade succeeded", "new_pid", r.firstPID, "generation", r.generation, "instances", n, "duration", res.Duration)
+		s.setLast(outcome{res: res})
+		answer(outcome{res: res})
+		return nil
+	}
 
+	if err := begin(true); err != nil {
+		return err
+	}
 	for {
-		if g.Next() {
+		if roll == nil && g.Next() {
 			s.log.Info("running queued upgrade")
-			begin()
+			if err := begin(false); err != nil {
+				return err
+			}
 		}
-		s.setPhase(g.Phase(), current, draining)
+		s.setStatus(g.Phase(), generation, cs)
 		select {
 		case <-ctx.Done():
-			if restartAt != nil {
-				restartAt.Stop()
+			for _, t := range timers {
+				t.Stop()
 			}
 			refused := g.Stop()
 			if g.Attempting() {
 				refused = append(refused, g.Done()...)
 			}
-			s.setPhase(g.Phase(), current, draining)
-			return s.stopAll(current, starting, draining, refused)
+			s.setStatus(g.Phase(), generation, cs)
+			return s.stopAll(cs, refused)
 
 		case req := <-s.requests:
 			s.log.Info("upgrade requested", "trigger", req.trigger)
@@ -122,75 +268,67 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					s.log.Info("upgrade queued", "reason", d.Reason)
 				}
 			case gate.Start:
-				begin()
+				if err := begin(false); err != nil {
+					return err
+				}
 			}
 
 		case ev := <-s.events:
+			var err error
 			switch ev.kind {
 			case evReady:
-				if starting == nil || ev.pid != starting.pid {
+				c := cs.starting[ev.pid]
+				if c == nil {
 					continue
 				}
-				c := starting
-				starting = nil
-				s.setChildPhase(c, control.ChildServing)
-				res := control.Result{PID: c.pid, Generation: c.generation, Version: s.opts.Version,
-					Duration: time.Since(attemptAt)}
-				s.log.Info("child ready", "child_pid", c.pid, "how", ev.how, "duration", res.Duration)
-				if old := current; old != nil {
-					s.log.Info("draining old child", "child_pid", old.pid, "signal", s.opts.StopSignal.String())
-					s.stopChild(old)
-					draining = old
-					g.Draining()
+				s.log.Info("child ready", "child_pid", c.pid, "instance", c.instance, "how", ev.how,
+					"duration", time.Since(c.started))
+				if c.restart {
+					delete(cs.starting, c.pid)
+					if cs.serving[c.instance] != nil {
+						stop(c, "stopping a restart made unneeded")
+						continue
+					}
+					s.setReady(c)
+					cs.serving[c.instance] = c
+					g.Ready()
+					s.sd.Ready(0, fmt.Sprintf("serving: %d of %d children, generation %d", len(cs.serving), n, generation))
+					continue
 				}
-				current = c
-				g.Ready()
-				s.sd.Ready(0, fmt.Sprintf("serving: child %d", c.pid))
-				switch {
-				case first:
-					first = false
-					s.log.Info("ready")
-				case !c.restart:
-					s.log.Info("upgrade succeeded", "new_pid", c.pid, "generation", c.generation)
-					s.setLast(outcome{res: res})
-					answer(outcome{res: res})
+				if roll == nil || roll.batch[c.instance] != c {
+					continue
+				}
+				roll.ready[c.instance] = true
+				if len(roll.ready) == len(roll.batch) {
+					promote()
+					err = advance()
 				}
 
 			case evReadyTimeout:
-				if starting == nil || ev.pid != starting.pid {
+				c := cs.starting[ev.pid]
+				if c == nil {
 					continue
 				}
+				c.timedOut = true
+				terr := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
 				// It may have accepted connections: it is stopped like an old
-				// child (stop signal, drain, SIGKILL at the drain deadline), and
-				// the verdict is given now.
-				c := starting
-				starting, c.timedOut = nil, true
-				err := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
-				s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error(), "child_pid", c.pid,
-					"signal", s.opts.StopSignal.String())
-				s.stopChild(c)
-				draining = c
-				g.Draining()
-				if first {
-					s.reaper.signal(c.pid, syscall.SIGKILL, true)
-					return fmt.Errorf("%w: %w", ErrChildFailed, err)
-				}
-				if !c.restart {
-					answer(outcome{err: err})
-				}
-				if current == nil {
-					restart()
+				// child (stop signal, drain, SIGKILL at the drain deadline).
+				stop(c, "child not ready in time: stopping it")
+				if c.restart {
+					timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+				} else if roll != nil && roll.batch[c.instance] == c {
+					err = fail(s.ofInstance(c, terr))
 				}
 
 			case evDrainTimeout:
-				if draining != nil && ev.pid == draining.pid {
-					s.log.Warn("old child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
+				if c := cs.draining[ev.pid]; c != nil {
+					s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
 					s.reaper.signal(ev.pid, syscall.SIGKILL, true)
 				}
 
 			case evRestart:
-				restartAt = nil
-				restart()
+				delete(timers, ev.instance)
+				restart(ev.instance)
 
 			case evExit:
 				c := s.untrack(ev.pid)
@@ -198,41 +336,66 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					continue
 				}
 				c.close()
-				switch c {
-				case starting:
-					starting = nil
-					err := exitError(c, ev.status)
-					s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error(), "child_pid", c.pid)
-					if first {
-						return fmt.Errorf("%w: %w", ErrChildFailed, err)
+				switch {
+				case cs.draining[c.pid] == c:
+					delete(cs.draining, c.pid)
+					s.log.Info("old child exited", "child_pid", c.pid, "instance", c.instance, "status", statusString(ev.status))
+					if len(cs.draining) == 0 {
+						g.PreviousExited()
+						err = advance()
 					}
+				case cs.starting[c.pid] == c:
+					delete(cs.starting, c.pid)
+					xerr := exitError(c, ev.status)
 					if c.restart {
-						restartAt = s.scheduleRestart(&restarts)
-						continue
+						s.log.Error("restarted child failed", "child_pid", c.pid, "instance", c.instance, "error", xerr.Error())
+						timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+					} else if roll != nil && roll.batch[c.instance] == c {
+						err = fail(s.ofInstance(c, xerr))
 					}
-					answer(outcome{err: err})
-					if current == nil {
-						// The serving child died during this upgrade: never stay
-						// without one.
-						s.log.Error("no child serves: restarting the last good command now")
-						restart()
+				case cs.serving[c.instance] == c:
+					delete(cs.serving, c.instance)
+					if len(cs.serving) == 0 {
+						g.Lost()
 					}
-				case draining:
-					draining = nil
-					g.PreviousExited()
-					s.log.Info("old child exited", "child_pid", c.pid, "status", statusString(ev.status))
-				case current:
-					current = nil
-					g.Lost()
-					s.log.Error("child died while serving: restarting it", "child_pid", c.pid,
+					s.log.Error("child died while serving: restarting it", "child_pid", c.pid, "instance", c.instance,
 						"status", statusString(ev.status), "stderr", c.tail.Lines())
-					if time.Since(lastStart) > 10*time.Second {
-						restarts = 0
+					if time.Since(lastStart[c.instance]) > 10*time.Second {
+						restarts[c.instance] = 0
 					}
-					// While an upgrade's child starts, its outcome decides: it
-					// serves, or the restart happens when it fails.
-					restartAt = s.scheduleRestart(&restarts)
+					// While an upgrade's new child for this instance starts, its
+					// outcome decides: it serves, or the restart happens at once
+					// when it fails.
+					if roll == nil || roll.batch[c.instance] == nil {
+						if len(cs.serving) == 0 {
+							restart(c.instance) // nothing serves: no backoff
+						} else {
+							timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+						}
+					}
 				}
+			}
+			if err != nil {
+				s.stopAll(cs, nil)
+				return err
+			}
+		}
+	}
+}
+
+// ofInstance names c's instance in err when there is more than one.
+func (s *Supervisor) ofInstance(c *child, err error) error {
+	if s.opts.Instances == 1 {
+		return err
+	}
+	return fmt.Errorf("instance %d: %w", c.instance, err)
+}
+
+func rangeN(n int) func(func(int) bool) {
+	return func(yield func(int) bool) {
+		for i := range n {
+			if !yield(i) {
+				return
 			}
 		}
 	}
@@ -246,27 +409,31 @@ func (s *Supervisor) stopChild(c *child) {
 	time.AfterFunc(s.opts.DrainTimeout, func() { s.send(event{kind: evDrainTimeout, pid: pid}) })
 }
 
-func (s *Supervisor) scheduleRestart(restarts *int) *time.Timer {
-	delay := DefaultRestartDelay << min(*restarts, 10)
+func (s *Supervisor) scheduleRestart(instance int, restarts map[int]int) *time.Timer {
+	delay := DefaultRestartDelay << min(restarts[instance], 10)
 	delay = min(delay, DefaultMaxRestartDelay)
-	*restarts++
-	s.log.Info("restart scheduled", "in", delay, "attempt", *restarts)
-	return time.AfterFunc(delay, func() { s.send(event{kind: evRestart}) })
+	restarts[instance]++
+	s.log.Info("restart scheduled", "instance", instance, "in", delay, "attempt", restarts[instance])
+	return time.AfterFunc(delay, func() { s.send(event{kind: evRestart, instance: instance}) })
 }
 
 // stopAll stops every child gracefully and waits for them.
-func (s *Supervisor) stopAll(current, starting, draining *child, refused []request) error {
+func (s *Supervisor) stopAll(cs set, refused []request) error {
 	for _, r := range refused {
 		r.reply <- outcome{err: gate.ErrStopping}
 	}
 	s.sd.Stopping()
 	// Every child may have accepted connections, a starting one too: each gets
 	// its stop signal and drains.
-	for _, c := range []*child{current, starting, draining} {
-		if c != nil {
-			s.log.Info("stopping child", "child_pid", c.pid, "signal", s.opts.StopSignal.String())
+	starting := maps.Clone(cs.starting)
+	for _, m := range []map[int]*child{cs.serving, cs.starting} {
+		for _, c := range m {
+			s.log.Info("stopping child", "child_pid", c.pid, "instance", c.instance, "signal", s.opts.StopSignal.String())
 			s.reaper.signal(c.pid, s.opts.StopSignal, false)
 		}
+	}
+	for _, c := range cs.draining {
+		s.reaper.signal(c.pid, s.opts.StopSignal, false) // again: harmless, and a restart's drain deadline is ours now
 	}
 	deadline := time.NewTimer(s.opts.DrainTimeout)
 	defer deadline.Stop()
@@ -291,7 +458,7 @@ func (s *Supervisor) stopAll(current, starting, draining *child, refused []reque
 			// own is not.
 			clean := ev.status.Exited() && ev.status.ExitStatus() == 0 ||
 				ev.status.Signaled() && (ev.status.Signal() == s.opts.StopSignal || killed && ev.status.Signal() == syscall.SIGKILL)
-			if c != starting && !clean {
+			if starting[c.pid] == nil && !clean {
 				failed = append(failed, fmt.Sprintf("child %d: %s", c.pid, st))
 			}
 		case <-force:

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"syscall"
+	"time"
 
 	"github.com/handoff-dev/handoff/internal/control"
 	"github.com/handoff-dev/handoff/internal/gate"
@@ -40,16 +41,22 @@ func (s *Supervisor) tracked() int {
 	return len(s.children)
 }
 
-func (s *Supervisor) setPhase(phase gate.Phase, current, draining *child) {
+func (s *Supervisor) setStatus(phase gate.Phase, generation int, cs set) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.status.Phase, s.status.PreviousPID = phase, 0
-	if draining != nil {
-		s.status.PreviousPID = draining.pid
+	s.status.Phase, s.status.PreviousPID, s.status.Generation = phase, 0, generation
+	for _, c := range cs.draining {
+		if s.status.PreviousPID == 0 || c.pid < s.status.PreviousPID {
+			s.status.PreviousPID = c.pid
+		}
 	}
-	if current != nil {
-		s.status.Generation = current.generation
-	}
+}
+
+// setReady records that c serves.
+func (s *Supervisor) setReady(c *child) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.phase, c.readyAt = control.ChildServing, time.Now()
 }
 
 func (s *Supervisor) setLast(o outcome) {

@@ -71,6 +71,14 @@ type Options struct {
 	// Shim is the argv prefix that execs Command with LISTEN_PID set, normally
 	// {"/proc/self/exe", ShimCommand}. Required.
 	Shim []string
+	// Instances is how many children serve at once, on the same sockets (each
+	// with its instance number in HANDOFF_INSTANCE). Zero means 1.
+	Instances int
+	// MaxSurge bounds the extra children during an upgrade: instances are
+	// replaced this many at a time, the next ones once the replaced children
+	// have exited. Zero means all at once (the new set is ready before any old
+	// child is told to stop).
+	MaxSurge int
 	// ReadyTimeout is how long a child has to become ready. Zero means
 	// DefaultReadyTimeout.
 	ReadyTimeout time.Duration
@@ -118,6 +126,8 @@ type Supervisor struct {
 
 	sd sdnotify.Notifier
 
+	spawned int // children started, for unique notify socket names
+
 	mu       sync.Mutex
 	status   control.Status
 	children map[int]*child
@@ -133,6 +143,9 @@ func New(opts Options) (*Supervisor, error) {
 	}
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = DefaultReadyTimeout
+	}
+	if opts.Instances <= 0 {
+		opts.Instances = 1
 	}
 	if opts.DrainTimeout <= 0 {
 		opts.DrainTimeout = DefaultDrainTimeout
@@ -216,9 +229,19 @@ func (s *Supervisor) Status() control.Status {
 	st := s.status
 	st.Children = nil
 	for _, c := range s.children {
-		st.Children = append(st.Children, control.ChildStatus{PID: c.pid, Phase: c.phase, Started: c.started.UTC()})
+		cst := control.ChildStatus{PID: c.pid, Instance: c.instance, Phase: c.phase, Started: c.started.UTC(),
+			Restarts: c.restarts}
+		if !c.readyAt.IsZero() {
+			cst.Ready = c.readyAt.UTC()
+		}
+		st.Children = append(st.Children, cst)
 	}
-	slices.SortFunc(st.Children, func(a, b control.ChildStatus) int { return a.Started.Compare(b.Started) })
+	slices.SortFunc(st.Children, func(a, b control.ChildStatus) int {
+		if a.Instance != b.Instance {
+			return a.Instance - b.Instance
+		}
+		return a.Started.Compare(b.Started)
+	})
 	return st
 }
 

@@ -107,18 +107,19 @@ func (u *Upgrader) waitReady(ch *childChannel) error {
 			"reason", why.Error(), "timeout", u.opts.AbortTimeout)
 		select {
 		case err := <-res:
-			return gaveUp(err, why, pid)
+			return gaveUp(err, why, pid, true)
 		case <-time.After(u.opts.AbortTimeout):
 			u.log.Warn("the new process did not stop in time: killing it", "new_pid", pid)
 		}
 	}
 	killHolders(link, unix.SIGKILL)
-	return gaveUp(<-res, why, pid)
+	return gaveUp(<-res, why, pid, false)
 }
 
 // gaveUp is the outcome of an attempt given up on for why: err is tableflip's
-// answer once the new process (pid, if known) ended.
-func gaveUp(err, why error, pid int) error {
+// answer once the new process (pid, if known) ended, by itself when stopped
+// is set, or killed.
+func gaveUp(err, why error, pid int, stopped bool) error {
 	if err == nil {
 		return nil // it became ready at the last moment, and serves
 	}
@@ -127,7 +128,7 @@ func gaveUp(err, why error, pid int) error {
 		pid = exit.PID
 	}
 	if why == ErrTimeout {
-		return &TimeoutError{PID: pid}
+		return &TimeoutError{PID: pid, Stopped: stopped}
 	}
 	return ErrStopping
 }

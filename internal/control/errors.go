@@ -38,11 +38,15 @@ func (e *ExitError) Error() string {
 // TimeoutError reports a new process killed for not becoming ready in time; it
 // matches ErrTimeout.
 type TimeoutError struct {
-	PID    int
-	Stderr []string // the last lines it wrote to stderr
+	PID     int
+	Stderr  []string // the last lines it wrote to stderr
+	Stopped bool     // it was told to stop and drain what it accepted, rather than killed
 }
 
 func (e *TimeoutError) Error() string {
+	if e.Stopped {
+		return fmt.Sprintf("new process %d timed out before ready and was told to stop (it drains what it accepted)", e.PID)
+	}
 	return fmt.Sprintf("new process %d timed out before ready and was killed", e.PID)
 }
 

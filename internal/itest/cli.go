@@ -67,8 +67,9 @@ func (s *Server) Status(tb testing.TB) control.Status {
 func (s *Server) StatusOf(tb testing.TB, pid int) control.Status {
 	tb.Helper()
 	var st control.Status
-	Eventually(tb, 10*time.Second, func() bool { st = s.Status(tb); return st.PID == pid },
-		"handoff status to be answered by pid %d (last answer from %d)", pid, st.PID)
+	if !Poll(10*time.Second, func() bool { st = s.Status(tb); return st.PID == pid }) {
+		tb.Fatalf("handoff status not answered by pid %d within 10s; last answer from %d", pid, st.PID)
+	}
 	return st
 }
 

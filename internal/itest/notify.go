@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -102,10 +103,10 @@ func (n *NotifySocket) Snapshot() ([]NotifyMsg, []string) {
 
 // Flush sends a sentinel datagram from the test and waits (10s) until it is
 // read: every datagram queued before it has then been recorded. It returns
-// them.
+// them, without the sentinels of earlier calls.
 func (n *NotifySocket) Flush(tb testing.TB) []NotifyMsg {
 	tb.Helper()
-	sentinel := fmt.Sprintf("TEST-FLUSH-%d", time.Now().UnixNano())
+	sentinel := fmt.Sprintf("%s%d", flushPrefix, time.Now().UnixNano())
 	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: n.Path, Net: "unixgram"})
 	if err != nil {
 		tb.Fatal(err)
@@ -116,14 +117,20 @@ func (n *NotifySocket) Flush(tb testing.TB) []NotifyMsg {
 	}
 	var msgs []NotifyMsg
 	Eventually(tb, 10*time.Second, func() bool {
-		msgs, _ = n.Snapshot()
-		for i, m := range msgs {
+		all, _ := n.Snapshot()
+		msgs = msgs[:0]
+		for _, m := range all {
 			if m.Text == sentinel {
-				msgs = msgs[:i]
 				return true
+			}
+			if !strings.HasPrefix(m.Text, flushPrefix) {
+				msgs = append(msgs, m)
 			}
 		}
 		return false
 	}, "the sentinel datagram on the notify socket")
 	return msgs
 }
+
+// flushPrefix starts the sentinel datagrams of Flush.
+const flushPrefix = "TEST-FLUSH-"

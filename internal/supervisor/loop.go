@@ -150,7 +150,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 	// fail ends the rollout: the new children of the running batch may have
 	// accepted connections, so they are stopped gracefully; the old set keeps
 	// serving, and an instance left with no child restarts at once.
-	fail := func(err error) error {
+	fail := func(failed *child, err error) error {
 		r := roll
 		roll = nil
 		for _, c := range r.batch {
@@ -158,7 +158,11 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				stop(c, "stopping the failed upgrade's new child")
 			}
 		}
-		s.log.Error("upgrade failed", "kind", control.KindOf(err), "error", err.Error())
+		attrs := []any{"kind", control.KindOf(err), "error", err.Error()}
+		if failed != nil {
+			attrs = append(attrs, "child_pid", failed.pid, "instance", failed.instance)
+		}
+		s.log.Error("upgrade failed", attrs...)
 		if r.first {
 			return fmt.Errorf("%w: %w", ErrChildFailed, err)
 		}
@@ -176,7 +180,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			s.sd.Reloading()
 		}
 		if err := startBatch(); err != nil {
-			return fail(err)
+			return fail(nil, err)
 		}
 		return nil
 	}
@@ -212,7 +216,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 				return nil // within --max-surge: the next batch waits for the drains
 			}
 			if err := startBatch(); err != nil {
-				return fail(err)
+				return fail(nil, err)
 			}
 			return nil
 		}
@@ -310,14 +314,14 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					continue
 				}
 				c.timedOut = true
-				terr := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines()}
+				terr := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines(), Stopped: true}
 				// It may have accepted connections: it is stopped like an old
 				// child (stop signal, drain, SIGKILL at the drain deadline).
 				stop(c, "child not ready in time: stopping it")
 				if c.restart {
 					timers[c.instance] = s.scheduleRestart(c.instance, restarts)
 				} else if roll != nil && roll.batch[c.instance] == c {
-					err = fail(s.ofInstance(c, terr))
+					err = fail(c, s.ofInstance(c, terr))
 				}
 
 			case evDrainTimeout:
@@ -351,7 +355,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 						s.log.Error("restarted child failed", "child_pid", c.pid, "instance", c.instance, "error", xerr.Error())
 						timers[c.instance] = s.scheduleRestart(c.instance, restarts)
 					} else if roll != nil && roll.batch[c.instance] == c {
-						err = fail(s.ofInstance(c, xerr))
+						err = fail(c, s.ofInstance(c, xerr))
 					}
 				case cs.serving[c.instance] == c:
 					delete(cs.serving, c.instance)

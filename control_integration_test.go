@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,6 +27,22 @@ import (
 	"github.com/handoff-dev/handoff/internal/control"
 	"github.com/handoff-dev/handoff/internal/itest"
 )
+
+// settledStatus polls handoff status (10s) until pid answers in a phase other
+// than the transient ones given. The server publishes its phase a moment after
+// what the test waited for (a verdict, a log line, the exit of its predecessor),
+// so a status asked at once may still show the phase before.
+func settledStatus(t *testing.T, s *itest.Server, pid int, transient ...string) control.Status {
+	t.Helper()
+	var st control.Status
+	if !itest.Poll(10*time.Second, func() bool {
+		st = s.Status(t)
+		return st.PID == pid && !slices.Contains(transient, string(st.Phase))
+	}) {
+		t.Fatalf("handoff status not answered by pid %d in a phase other than %v within 10s; last answer: %s", pid, transient, itest.JSON(st))
+	}
+	return st
+}
 
 // ---------------------------------------------------------------------------
 // 1. handoff upgrade's verdicts, under load.
@@ -156,7 +173,7 @@ func TestUpgradeVerdict(t *testing.T) {
 		if !c.forked {
 			s.Logs.None(t, mark, "starting new generation", nil, c.name+": nothing may be forked for a binary that cannot run")
 		}
-		st := s.StatusOf(t, p2)
+		st := settledStatus(t, s, p2, "upgrading")
 		if st.Phase != "serving" || st.LastUpgrade == nil || st.LastUpgrade.OK || string(st.LastUpgrade.Kind) != c.kind ||
 			(newPID != 0 && st.LastUpgrade.PID != newPID) {
 			t.Errorf("%s: status after the failure: %s, want phase serving, last_upgrade ok=false kind=%s pid=%d",
@@ -189,7 +206,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "60s"})
 	p1 := s.LivePID()
 
-	st := s.StatusOf(t, p1)
+	st := settledStatus(t, s, p1, "starting")
 	if st.Phase != "serving" || st.Generation != 1 || st.Version != "v1" || st.PreviousPID != 0 || st.LastUpgrade != nil {
 		t.Errorf("status of a fresh server: %s, want phase serving, generation 1, v1, no previous_pid or last_upgrade", itest.JSON(st))
 	}
@@ -204,7 +221,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 		t.Fatalf("precondition: pid %d exited before the checks during its drain (4s request in flight)", p1)
 	}
 
-	st = s.StatusOf(t, p2)
+	st = settledStatus(t, s, p2, "starting")
 	if st.Phase != "draining-previous" || st.PreviousPID != p1 || st.Generation != 2 || st.Version != "v2" {
 		t.Errorf("status while pid %d drains: %s, want phase draining-previous, previous_pid %d, generation 2, v2", p1, itest.JSON(st), p1)
 	}
@@ -296,7 +313,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	}
 	s.WaitSlowThenSettled(t, slow, p1, p2, p3)
 
-	st = s.StatusOf(t, p3)
+	st = settledStatus(t, s, p3, "draining-previous")
 	if st.Phase != "serving" || st.PreviousPID != 0 || st.Generation != 3 || st.Version != "v3" {
 		t.Errorf("status after the drain: %s, want phase serving, generation 3, v3, no previous_pid", itest.JSON(st))
 	}
@@ -334,7 +351,7 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	if fail.Str("kind") != "exited" {
 		t.Errorf("upgrade failed log after killing the hanging process: %s, want kind exited", fail.Raw)
 	}
-	st = s.StatusOf(t, p3)
+	st = settledStatus(t, s, p3, "upgrading")
 	if lu := st.LastUpgrade; st.Phase != "serving" || st.PreviousPID != 0 || lu == nil || lu.OK || lu.Kind != "exited" ||
 		lu.PID != hangPID || lu.ExitStatus != "signal: killed" || lu.At.IsZero() {
 		t.Errorf("status after the failed upgrade: %s, want phase serving, last_upgrade ok=false kind=exited pid=%d exit_status \"signal: killed\"", itest.JSON(st), hangPID)

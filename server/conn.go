@@ -27,12 +27,13 @@ type conn struct {
 	closed bool
 
 	// Moving to the next generation (move.go).
-	movable      bool      // a plain connection whose bytes net/http alone reads
-	stealing     *steal    // a move is asked for: the read deadline is held back
-	offering     bool      // its Read is answering the move right now
-	moved        bool      // it moved: its close here shuts nothing down
-	http2        bool      // it speaks HTTP/2: it drains with GOAWAY
-	readDeadline time.Time // the one net/http asked for
+	movable      bool                  // a plain connection whose bytes net/http alone reads
+	stealing     atomic.Pointer[steal] // a move is asked for: the read deadline is held back
+	offering     bool                  // its Read is answering the move right now
+	moved        bool                  // it moved: its close here shuts nothing down
+	http2        bool                  // it speaks HTTP/2: it drains with GOAWAY
+	closedIdle   bool                  // the drain closed it, idle
+	readDeadline time.Time             // the one net/http asked for
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.
@@ -121,9 +122,15 @@ func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.D
 	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() || pending(c.Conn) {
 		return false
 	}
-	c.closed = true
+	c.closed, c.closedIdle = true, true
 	c.Conn.Close()
 	return true
+}
+
+func (c *conn) wasClosedIdle() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closedIdle
 }
 
 // cut closes the connection at the drain deadline, whatever it is doing.

@@ -50,10 +50,10 @@ type offer struct {
 func (c *conn) requestMove(st *steal) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || c.stealing != nil || !c.movable || (c.st != http.StateIdle && c.st != http.StateNew) {
+	if c.closed || c.stealing.Load() != nil || !c.movable || (c.st != http.StateIdle && c.st != http.StateNew) {
 		return false
 	}
-	c.stealing = st
+	c.stealing.Store(st)
 	c.Conn.SetReadDeadline(time.Unix(1, 0))
 	return true
 }
@@ -64,7 +64,7 @@ func (c *conn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.readDeadline = t
-	if c.stealing != nil {
+	if c.stealing.Load() != nil {
 		return nil
 	}
 	return c.Conn.SetReadDeadline(t)
@@ -81,8 +81,8 @@ func (c *conn) SetDeadline(t time.Time) error {
 func (c *conn) endSteal() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stealing != nil {
-		c.stealing = nil
+	if c.stealing.Load() != nil {
+		c.stealing.Store(nil)
 		c.movable = false
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
@@ -93,8 +93,8 @@ func (c *conn) endSteal() {
 func (c *conn) cancelSteal(st *steal) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stealing == st && !c.offering {
-		c.stealing = nil
+	if c.stealing.Load() == st && !c.offering {
+		c.stealing.Store(nil)
 		c.movable = false
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
@@ -138,11 +138,8 @@ func (c *conn) deadlinePassed() bool {
 	return !c.readDeadline.IsZero() && !time.Now().Before(c.readDeadline)
 }
 
-func (c *conn) stealState() *steal {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.stealing
-}
+// stealState is read on every Read: lock-free (written under mu).
+func (c *conn) stealState() *steal { return c.stealing.Load() }
 
 // offerable reports whether the connection still waits for a request.
 func (c *conn) offerable() bool {

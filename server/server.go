@@ -98,6 +98,7 @@ type Server struct {
 	conns        map[*conn]struct{}
 	onDrain      []func()
 	closedSelf   int // connections that closed on their own during the drain
+	closedIdle   int // idle connections the drain closed
 	hijackedLeft int // hijacked connections closed during the drain
 }
 
@@ -285,6 +286,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	s.srv.Close() // nothing is left; this releases net/http's own state
 	s.mu.Lock()
 	rep.ClosedAfterResponse = s.closedSelf
+	rep.ClosedIdle = s.closedIdle
 	rep.Hijacked = s.hijackedLeft
 	s.mu.Unlock()
 	rep.Requests = s.answered.Load()
@@ -316,15 +318,29 @@ func (s *Server) waitHandlers(ctx context.Context) int64 {
 }
 
 // closeQuiet closes the connections that have been idle for grace since the
-// drain began and have no request arriving; it returns how many remain.
+// drain began and have no request arriving; it returns how many remain. The
+// server's lock is held only to copy the set: the checks (a syscall each) run
+// without it, so accepts and requests never wait for them.
 func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 	now := time.Now()
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	conns := make([]*conn, 0, len(s.conns))
 	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	var closed []*conn
+	for _, c := range conns {
 		if c.closeIfQuiet(now, s.drainStart, grace, s.srv.IdleTimeout) {
+			closed = append(closed, c)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range closed {
+		if _, ok := s.conns[c]; ok {
 			delete(s.conns, c)
-			rep.ClosedIdle++
+			s.closedIdle++
 		}
 	}
 	return len(s.conns)
@@ -370,6 +386,8 @@ func (s *Server) forget(c *conn) {
 		s.hijackedLeft++
 	case c.hasMoved():
 		// counted by moveIdle
+	case c.wasClosedIdle():
+		s.closedIdle++
 	default:
 		s.closedSelf++
 	}

@@ -51,10 +51,11 @@ const usage = `usage:
                             and stops the old one once the new one is ready
   handoff upgrade [flags]   upgrade a running server and wait for the verdict
   handoff status [flags]    show a running server's generation, phase and last upgrade
+  handoff stop [flags]      stop a running server gracefully; wait for its drain and say what it did
   handoff load [flags]      send a constant-rate load that never retries; exit 1 if any request failed
   handoff version           print the version
 Run "handoff COMMAND -h" for a command's flags.
-Exit codes: 0 ok, 1 failed (upgrade: the old process keeps serving), 2 bad usage,
+Exit codes: 0 ok, 1 failed (upgrade: the old process keeps serving; stop: the drain was cut), 2 bad usage,
 3 cannot listen, 4 cannot write the PID file, 5 nothing answers on the control socket,
 6 no verdict within --timeout, 7 busy (an upgrade runs or the previous generation drains).
 `
@@ -89,6 +90,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return supervisor.Shim(args[1:], stderr)
 	case "status":
 		return statusCmd(args[1:], stdout, stderr)
+	case "stop":
+		return stopCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, version)
 		return exitOK

@@ -165,6 +165,8 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if err != nil {
 		level = slog.LevelWarn
 	}
+	upg.Drained(upgrader.DrainReport{Requests: rep.Requests, Closed: rep.ClosedIdle + rep.ClosedAfterResponse + rep.Hijacked,
+		Moved: rep.Moved, Cut: rep.Cut, Running: rep.Running, Duration: rep.Duration, Err: err})
 	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
 		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running, "moved", rep.Moved, "http2", rep.HTTP2,
 		"duration", rep.Duration, "cause", errString(err))

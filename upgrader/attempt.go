@@ -48,7 +48,14 @@ func (u *Upgrader) attempt() (o outcome) {
 		return outcome{err: err}
 	}
 	moves := false
-	if err := ch.prepare(hello{Generation: u.generation + 1}); err != nil {
+	h := hello{Generation: u.generation + 1}
+	if u.opts.Handover != nil {
+		if h.Handover = u.opts.Handover(); len(h.Handover) > MaxHandover {
+			u.log.Warn("handover too long: not passed", "bytes", len(h.Handover), "max", MaxHandover)
+			h.Handover = nil
+		}
+	}
+	if err := ch.prepare(h); err != nil {
 		return outcome{err: fmt.Errorf("prepare child channel: %w", err)}
 	}
 	u.log.Info("starting new generation", "binary", u.binary)

@@ -40,6 +40,7 @@ const (
 type hello struct {
 	Type       string `json:"type,omitempty"`
 	Generation int    `json:"generation"`
+	Handover   []byte `json:"handover,omitempty"` // Options.Handover's
 }
 
 type report struct {

@@ -199,6 +199,7 @@ func (u *Upgrader) abandoned() {
 func (u *Upgrader) Close() error {
 	var err error
 	u.closeOnce.Do(func() {
+		close(u.closingC)
 		u.mu.Lock()
 		if u.sigC != nil {
 			signal.Stop(u.sigC)

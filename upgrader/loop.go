@@ -2,6 +2,7 @@ package upgrader
 
 import (
 	"context"
+	"errors"
 	"os"
 
 	"github.com/handoff-dev/handoff/internal/control"
@@ -54,6 +55,13 @@ func (u *Upgrader) request(ctx context.Context, trigger gate.Trigger, wait bool)
 		return o.res, o.err
 	case <-ctx.Done():
 		return Result{}, context.Cause(ctx)
+	}
+}
+
+// observe tells Options.OnUpgrade.
+func (u *Upgrader) observe(o outcome) {
+	if u.opts.OnUpgrade != nil {
+		u.opts.OnUpgrade(o.res, o.err)
 	}
 }
 
@@ -113,6 +121,7 @@ func (u *Upgrader) run() {
 					u.log.Info("upgrade ignored", "reason", "upgrade in progress")
 				}
 				req.reply <- outcome{err: d.Err}
+				u.observe(outcome{err: d.Err})
 			case gate.Queue:
 				if !d.Repeat {
 					u.log.Info("upgrade queued", "reason", d.Reason)
@@ -123,6 +132,7 @@ func (u *Upgrader) run() {
 		case o := <-attempt:
 			attempt = nil
 			reply(g.Done(), o)
+			u.observe(o)
 			if u.settle(o) {
 				g.HandOff()
 				return
@@ -142,6 +152,7 @@ func (u *Upgrader) run() {
 				defer close(u.finishing)
 				o := <-c
 				reply(waiting, o)
+				u.observe(o)
 				// Unless the new process became ready at that very moment
 				// (it then serves), this is a final stop.
 				if !u.settle(o) {
@@ -202,6 +213,24 @@ func (u *Upgrader) status() control.Status {
 type controller struct{ u *Upgrader }
 
 func (c controller) Status() control.Status { return c.u.status() }
+
+func (c controller) Stop(ctx context.Context) (control.Drain, error) {
+	c.u.Stop()
+	select {
+	case <-c.u.drainedC:
+		d := c.u.drained
+		out := control.Drain{Requests: d.Requests, Closed: d.Closed, Moved: d.Moved, Cut: d.Cut, Running: d.Running,
+			DurationMS: float64(d.Duration.Microseconds()) / 1000}
+		if d.Err != nil {
+			out.Error = d.Err.Error()
+		}
+		return out, nil
+	case <-c.u.closingC:
+		return control.Drain{}, errors.New("stopped, but the server reported no drain (it does not call Drained)")
+	case <-ctx.Done():
+		return control.Drain{}, context.Cause(ctx)
+	}
+}
 
 func (c controller) Upgrade(ctx context.Context, wait bool) (control.Result, error) {
 	res, err := c.u.request(ctx, gate.API, wait)

@@ -94,7 +94,7 @@ func (u *Upgrader) claimMoves() (*moved.Listener, error) {
 // generation closes its end (it exits) or ln is closed.
 func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 	defer c.Close()
-	buf := make([]byte, 16)
+	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(maxMoveBatch*4))
 	total := 0
 	defer func() {
@@ -106,6 +106,12 @@ func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 		if err != nil || n == 0 && oobn == 0 {
 			return
+		}
+		if oobn == 0 {
+			if r, ok := parseDrain(buf[:n]); ok && u.opts.OnPreviousDrained != nil {
+				u.opts.OnPreviousDrained(r)
+			}
+			continue
 		}
 		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 		if err != nil {

@@ -61,6 +61,17 @@ type Options struct {
 	Preflight []string
 	// InFlight, if set, reports the requests being served, for Status.
 	InFlight func() int64
+	// OnUpgrade, if set, is called with the outcome of every upgrade this
+	// generation attempts and of every request it refuses (ErrUpgradeInProgress,
+	// ErrParentDraining...), from the owner goroutine: it must not block.
+	OnUpgrade func(Result, error)
+	// Handover, if set, is called when an upgrade starts; what it returns (at
+	// most MaxHandover bytes) reaches the new generation, as Inherited: counters
+	// that describe the service, say.
+	Handover func() []byte
+	// OnPreviousDrained, if set, is called in a new generation when its previous
+	// generation reports, with Drained, what its drain did.
+	OnPreviousDrained func(DrainReport)
 }
 
 // Result describes the generation that took over after a successful upgrade.
@@ -90,6 +101,10 @@ type Upgrader struct {
 	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
 
 	abortC    chan struct{} // closed at Stop: a running attempt gives up
+	drainedC  chan struct{} // closed by Drained
+	closingC  chan struct{} // closed by Close: nobody waits for Drained any more
+	drained   DrainReport
+	inherited []byte
 	finishing chan struct{} // closed when an attempt that outlived the run loop ended
 
 	started   time.Time
@@ -172,6 +187,8 @@ func New(opts Options) (*Upgrader, error) {
 		forcedC:    make(chan struct{}),
 		doneC:      make(chan struct{}),
 		abortC:     make(chan struct{}),
+		drainedC:   make(chan struct{}),
+		closingC:   make(chan struct{}),
 		started:    time.Now(),
 		activated:  fromSystemd,
 	}
@@ -181,7 +198,7 @@ func New(opts Options) (*Upgrader, error) {
 		return nil, err
 	}
 	if parent != nil {
-		u.parent, u.generation = parent, h.Generation
+		u.parent, u.generation, u.inherited = parent, h.Generation, h.Handover
 	}
 	logger := opts.Logger
 	if logger == nil {

@@ -49,6 +49,7 @@ type Cmd string
 const (
 	CmdStatus  Cmd = "status"
 	CmdUpgrade Cmd = "upgrade"
+	CmdStop    Cmd = "stop" // a graceful stop; the answer comes once the drain is over
 )
 
 // Answer is the server's reply, one JSON document on one line.
@@ -60,6 +61,7 @@ type Answer struct {
 	Kind    Kind     `json:"kind,omitempty"` // KindOf the error
 	Upgrade *Outcome `json:"upgrade,omitempty"`
 	Status  *Status  `json:"status,omitempty"`
+	Stop    *Drain   `json:"stop,omitempty"`
 }
 
 // Outcome is an upgrade's result as the control socket reports it.
@@ -149,9 +151,9 @@ func decodeRequest(r io.Reader) (Request, error) {
 		return req, fmt.Errorf("unsupported protocol version %d (this server speaks %d)", req.V, ProtocolVersion)
 	}
 	switch req.Cmd {
-	case CmdStatus, CmdUpgrade:
+	case CmdStatus, CmdUpgrade, CmdStop:
 	default:
-		return req, fmt.Errorf("unknown command %q (status, upgrade)", req.Cmd)
+		return req, fmt.Errorf("unknown command %q (status, upgrade, stop)", req.Cmd)
 	}
 	return req, nil
 }
@@ -163,7 +165,26 @@ type Controller interface {
 	// Upgrade blocks until the upgrade's outcome is known; wait says whether to
 	// wait for a draining previous generation instead of failing.
 	Upgrade(ctx context.Context, wait bool) (Result, error)
+	// Stop stops gracefully and blocks until the drain is over; it returns
+	// what the drain did.
+	Stop(ctx context.Context) (Drain, error)
 }
+
+// Drain says what a graceful stop's drain did.
+type Drain struct {
+	Requests   int64   `json:"requests"`          // answered while draining
+	Closed     int     `json:"closed"`            // connections closed between requests (idle, after an answer, hijacked, HTTP/2)
+	Moved      int     `json:"moved,omitempty"`   // connections handed to a new generation
+	Cut        int     `json:"cut"`               // connections closed at the deadline, requests in flight or not
+	Running    int64   `json:"running,omitempty"` // handlers still running at the end
+	DurationMS float64 `json:"duration_ms"`
+	Error      string  `json:"error,omitempty"`    // why the drain ended early (the deadline, a second signal)
+	Children   int     `json:"children,omitempty"` // handoff run: children stopped
+	Killed     int     `json:"killed,omitempty"`   // handoff run: children killed at the deadline
+}
+
+// Clean reports whether the drain finished without cutting anything.
+func (d Drain) Clean() bool { return d.Cut == 0 && d.Killed == 0 && d.Error == "" }
 
 // Listen opens a control socket at path, mode 0600, removing a stale socket
 // file first.
@@ -274,6 +295,12 @@ func answer(c *net.UnixConn, ctl Controller, log *slog.Logger, idle *idleConns) 
 	case CmdStatus:
 		st := ctl.Status()
 		ans.OK, ans.Status = true, &st
+	case CmdStop:
+		d, err := ctl.Stop(context.Background())
+		ans.OK, ans.Stop = err == nil, &d
+		if err != nil {
+			ans.Error, ans.Kind = err.Error(), KindOf(err)
+		}
 	case CmdUpgrade:
 		// The client's closing the connection does not cancel the upgrade; it
 		// only stops waiting.

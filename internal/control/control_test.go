@@ -79,6 +79,10 @@ func (f fakeController) Upgrade(ctx context.Context, wait bool) (Result, error) 
 	return Result{}, errors.New("not here")
 }
 
+func (f fakeController) Stop(ctx context.Context) (Drain, error) {
+	return Drain{Requests: 3}, nil
+}
+
 // A control socket served for a fake controller: malformed and oversized input get an error answer, and the
 // socket goes on answering.
 func TestControlAnswersBadInputAndKeepsServing(t *testing.T) {

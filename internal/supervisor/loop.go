@@ -95,6 +95,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		for _, r := range g.Done() {
 			r.reply <- o
 		}
+		s.observe(o)
 		if o.err != nil {
 			s.setLast(o)
 			s.sd.Failed(o.err)
@@ -236,9 +237,116 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		return nil
 	}
 
+	// handle turns one event into decisions.
+	handle := func(ev event) error {
+		var err error
+		switch ev.kind {
+		case evReady:
+			c := cs.starting[ev.pid]
+			if c == nil {
+				return nil
+			}
+			s.log.Info("child ready", "child_pid", c.pid, "instance", c.instance, "how", ev.how,
+				"duration", time.Since(c.started))
+			if c.restart {
+				delete(cs.starting, c.pid)
+				if cs.serving[c.instance] != nil {
+					stop(c, "stopping a restart made unneeded")
+					return nil
+				}
+				s.setReady(c)
+				cs.serving[c.instance] = c
+				g.Ready()
+				s.sd.Ready(0, fmt.Sprintf("serving: %d of %d children, generation %d", len(cs.serving), n, generation))
+				return nil
+			}
+			if roll == nil || roll.batch[c.instance] != c {
+				return nil
+			}
+			roll.ready[c.instance] = true
+			if len(roll.ready) == len(roll.batch) {
+				promote()
+				err = advance()
+			}
+
+		case evReadyTimeout:
+			c := cs.starting[ev.pid]
+			if c == nil {
+				return nil
+			}
+			c.timedOut = true
+			terr := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines(), Stopped: true}
+			// It may have accepted connections: it is stopped like an old
+			// child (stop signal, drain, SIGKILL at the drain deadline).
+			stop(c, "child not ready in time: stopping it")
+			if c.restart {
+				timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+			} else if roll != nil && roll.batch[c.instance] == c {
+				err = fail(c, s.ofInstance(c, terr))
+			}
+
+		case evDrainTimeout:
+			if c := cs.draining[ev.pid]; c != nil {
+				s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
+				s.reaper.signal(ev.pid, syscall.SIGKILL, true)
+			}
+
+		case evRestart:
+			delete(timers, ev.instance)
+			restart(ev.instance)
+
+		case evExit:
+			c := s.untrack(ev.pid)
+			if c == nil {
+				return nil
+			}
+			c.close()
+			switch {
+			case cs.draining[c.pid] == c:
+				delete(cs.draining, c.pid)
+				s.log.Info("old child exited", "child_pid", c.pid, "instance", c.instance, "status", statusString(ev.status))
+				if len(cs.draining) == 0 {
+					g.PreviousExited()
+					err = advance()
+				}
+			case cs.starting[c.pid] == c:
+				delete(cs.starting, c.pid)
+				xerr := exitError(c, ev.status)
+				if c.restart {
+					s.log.Error("restarted child failed", "child_pid", c.pid, "instance", c.instance, "error", xerr.Error())
+					timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+				} else if roll != nil && roll.batch[c.instance] == c {
+					err = fail(c, s.ofInstance(c, xerr))
+				}
+			case cs.serving[c.instance] == c:
+				delete(cs.serving, c.instance)
+				if len(cs.serving) == 0 {
+					g.Lost()
+				}
+				s.log.Error("child died while serving: restarting it", "child_pid", c.pid, "instance", c.instance,
+					"status", statusString(ev.status), "stderr", c.tail.Lines())
+				if time.Since(lastStart[c.instance]) > 10*time.Second {
+					restarts[c.instance] = 0
+				}
+				// While an upgrade's new child for this instance starts, its
+				// outcome decides: it serves, or the restart happens at once
+				// when it fails.
+				if roll == nil || roll.batch[c.instance] == nil {
+					if len(cs.serving) == 0 {
+						restart(c.instance) // nothing serves: no backoff
+					} else {
+						timers[c.instance] = s.scheduleRestart(c.instance, restarts)
+					}
+				}
+			}
+		}
+		return err
+	}
+
 	if err := begin(true); err != nil {
 		return err
 	}
+	stopping := false
 	for {
 		if roll == nil && g.Next() {
 			s.log.Info("running queued upgrade")
@@ -249,16 +357,9 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		s.setStatus(g.Phase(), generation, cs)
 		select {
 		case <-ctx.Done():
-			for _, t := range timers {
-				t.Stop()
-			}
-			refused := g.Stop()
-			if g.Attempting() {
-				refused = append(refused, g.Done()...)
-			}
-			s.setStatus(g.Phase(), generation, cs)
-			return s.stopAll(cs, refused)
-
+			stopping = true
+		case <-s.stopC:
+			stopping = true
 		case req := <-s.requests:
 			s.log.Info("upgrade requested", "trigger", req.trigger)
 			switch d := g.Request(req, req.trigger, req.wait); d.Verdict {
@@ -267,6 +368,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					s.log.Info("upgrade ignored", "reason", "upgrade in progress")
 				}
 				req.reply <- outcome{err: d.Err}
+				s.observe(outcome{err: d.Err})
 			case gate.Queue:
 				if !d.Repeat {
 					s.log.Info("upgrade queued", "reason", d.Reason)
@@ -276,113 +378,22 @@ func (s *Supervisor) loop(ctx context.Context) error {
 					return err
 				}
 			}
-
 		case ev := <-s.events:
-			var err error
-			switch ev.kind {
-			case evReady:
-				c := cs.starting[ev.pid]
-				if c == nil {
-					continue
-				}
-				s.log.Info("child ready", "child_pid", c.pid, "instance", c.instance, "how", ev.how,
-					"duration", time.Since(c.started))
-				if c.restart {
-					delete(cs.starting, c.pid)
-					if cs.serving[c.instance] != nil {
-						stop(c, "stopping a restart made unneeded")
-						continue
-					}
-					s.setReady(c)
-					cs.serving[c.instance] = c
-					g.Ready()
-					s.sd.Ready(0, fmt.Sprintf("serving: %d of %d children, generation %d", len(cs.serving), n, generation))
-					continue
-				}
-				if roll == nil || roll.batch[c.instance] != c {
-					continue
-				}
-				roll.ready[c.instance] = true
-				if len(roll.ready) == len(roll.batch) {
-					promote()
-					err = advance()
-				}
-
-			case evReadyTimeout:
-				c := cs.starting[ev.pid]
-				if c == nil {
-					continue
-				}
-				c.timedOut = true
-				terr := &control.TimeoutError{PID: c.pid, Stderr: c.tail.Lines(), Stopped: true}
-				// It may have accepted connections: it is stopped like an old
-				// child (stop signal, drain, SIGKILL at the drain deadline).
-				stop(c, "child not ready in time: stopping it")
-				if c.restart {
-					timers[c.instance] = s.scheduleRestart(c.instance, restarts)
-				} else if roll != nil && roll.batch[c.instance] == c {
-					err = fail(c, s.ofInstance(c, terr))
-				}
-
-			case evDrainTimeout:
-				if c := cs.draining[ev.pid]; c != nil {
-					s.log.Warn("child still running at the drain deadline: killing its process group", "child_pid", ev.pid)
-					s.reaper.signal(ev.pid, syscall.SIGKILL, true)
-				}
-
-			case evRestart:
-				delete(timers, ev.instance)
-				restart(ev.instance)
-
-			case evExit:
-				c := s.untrack(ev.pid)
-				if c == nil {
-					continue
-				}
-				c.close()
-				switch {
-				case cs.draining[c.pid] == c:
-					delete(cs.draining, c.pid)
-					s.log.Info("old child exited", "child_pid", c.pid, "instance", c.instance, "status", statusString(ev.status))
-					if len(cs.draining) == 0 {
-						g.PreviousExited()
-						err = advance()
-					}
-				case cs.starting[c.pid] == c:
-					delete(cs.starting, c.pid)
-					xerr := exitError(c, ev.status)
-					if c.restart {
-						s.log.Error("restarted child failed", "child_pid", c.pid, "instance", c.instance, "error", xerr.Error())
-						timers[c.instance] = s.scheduleRestart(c.instance, restarts)
-					} else if roll != nil && roll.batch[c.instance] == c {
-						err = fail(c, s.ofInstance(c, xerr))
-					}
-				case cs.serving[c.instance] == c:
-					delete(cs.serving, c.instance)
-					if len(cs.serving) == 0 {
-						g.Lost()
-					}
-					s.log.Error("child died while serving: restarting it", "child_pid", c.pid, "instance", c.instance,
-						"status", statusString(ev.status), "stderr", c.tail.Lines())
-					if time.Since(lastStart[c.instance]) > 10*time.Second {
-						restarts[c.instance] = 0
-					}
-					// While an upgrade's new child for this instance starts, its
-					// outcome decides: it serves, or the restart happens at once
-					// when it fails.
-					if roll == nil || roll.batch[c.instance] == nil {
-						if len(cs.serving) == 0 {
-							restart(c.instance) // nothing serves: no backoff
-						} else {
-							timers[c.instance] = s.scheduleRestart(c.instance, restarts)
-						}
-					}
-				}
-			}
-			if err != nil {
+			if err := handle(ev); err != nil {
 				s.stopAll(cs, nil)
 				return err
 			}
+		}
+		if stopping {
+			for _, t := range timers {
+				t.Stop()
+			}
+			refused := g.Stop()
+			if g.Attempting() {
+				refused = append(refused, g.Done()...)
+			}
+			s.setStatus(g.Phase(), generation, cs)
+			return s.stopAll(cs, refused)
 		}
 	}
 }
@@ -421,8 +432,26 @@ func (s *Supervisor) scheduleRestart(instance int, restarts map[int]int) *time.T
 	return time.AfterFunc(delay, func() { s.send(event{kind: evRestart, instance: instance}) })
 }
 
-// stopAll stops every child gracefully and waits for them.
-func (s *Supervisor) stopAll(cs set, refused []request) error {
+// observe tells Options.OnUpgrade.
+func (s *Supervisor) observe(o outcome) {
+	if s.opts.OnUpgrade != nil {
+		s.opts.OnUpgrade(o.res, o.err)
+	}
+}
+
+// stopAll stops every child gracefully and waits for them; what it did
+// answers Stop.
+func (s *Supervisor) stopAll(cs set, refused []request) (err error) {
+	began := time.Now()
+	sum := control.Drain{Children: s.tracked()}
+	defer func() {
+		sum.DurationMS = float64(time.Since(began).Microseconds()) / 1000
+		if err != nil {
+			sum.Error = err.Error()
+		}
+		s.stopSum = sum
+		close(s.stopped)
+	}()
 	for _, r := range refused {
 		r.reply <- outcome{err: gate.ErrStopping}
 	}
@@ -467,10 +496,10 @@ func (s *Supervisor) stopAll(cs set, refused []request) error {
 			}
 		case <-force:
 			force, killed = nil, true // closed: once is enough
-			s.killAll("forced stop: killing the child's process group")
+			sum.Killed += s.killAll("forced stop: killing the child's process group")
 		case <-deadline.C:
 			killed = true
-			s.killAll("child still running at the drain deadline: killing its process group")
+			sum.Killed += s.killAll("child still running at the drain deadline: killing its process group")
 		}
 	}
 	if len(failed) > 0 {
@@ -479,14 +508,15 @@ func (s *Supervisor) stopAll(cs set, refused []request) error {
 	return nil
 }
 
-// killAll kills every child's process group.
-func (s *Supervisor) killAll(why string) {
+// killAll kills every child's process group; it returns how many.
+func (s *Supervisor) killAll(why string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for pid := range s.children {
 		s.log.Warn(why, "child_pid", pid)
 		s.reaper.signal(pid, syscall.SIGKILL, true)
 	}
+	return len(s.children)
 }
 
 func exitError(c *child, ws syscall.WaitStatus) error {

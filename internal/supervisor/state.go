@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"syscall"
 	"time"
 
@@ -64,6 +65,18 @@ func (s *Supervisor) setLast(o outcome) {
 	s.mu.Lock()
 	s.status.LastUpgrade = &res
 	s.mu.Unlock()
+}
+
+// Stop stops every child gracefully, as the end of Run's context does, and
+// blocks until they have exited (or ctx ends); it returns what the stop did.
+func (s *Supervisor) Stop(ctx context.Context) (control.Drain, error) {
+	s.stopOnce.Do(func() { close(s.stopC) })
+	select {
+	case <-s.stopped:
+		return s.stopSum, nil
+	case <-ctx.Done():
+		return control.Drain{}, context.Cause(ctx)
+	}
 }
 
 // Force makes a stop in progress kill the children at once instead of waiting

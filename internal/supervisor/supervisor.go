@@ -98,6 +98,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Version is reported by Status. Empty means "dev".
 	Version string
+	// OnUpgrade, if set, is called with the outcome of every upgrade and of
+	// every refused request, from the owner goroutine: it must not block.
+	OnUpgrade func(control.Result, error)
 }
 
 type request struct {
@@ -127,6 +130,11 @@ type Supervisor struct {
 	sd sdnotify.Notifier
 
 	spawned int // children started, for unique notify socket names
+
+	stopC    chan struct{} // closed by Stop: a stop as if ctx ended
+	stopOnce sync.Once
+	stopped  chan struct{} // closed when the children are stopped; stopSum says how
+	stopSum  control.Drain
 
 	mu       sync.Mutex
 	status   control.Status
@@ -174,6 +182,8 @@ func New(opts Options) (*Supervisor, error) {
 		requests: make(chan request),
 		quit:     make(chan struct{}),
 		forceC:   make(chan struct{}),
+		stopC:    make(chan struct{}),
+		stopped:  make(chan struct{}),
 		children: make(map[int]*child),
 		status: control.Status{PID: os.Getpid(), Version: opts.Version, Started: time.Now().UTC(),
 			Phase: gate.Starting, Listeners: listenerInfo(opts.Listeners)},

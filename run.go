@@ -38,6 +38,7 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	logFormat := fs.String("log-format", "text", "text or json")
 	instancesFlag := fs.String("instances", "1", "how many children serve at once on the same sockets, or max (one per CPU)")
 	maxSurge := fs.Int("max-surge", 0, "during an upgrade, replace this many children at a time (0: the whole set at once)")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address (handoff's and its children's)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -94,12 +95,23 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		}
 		defer pidfile.Remove(*pidFile, os.Getpid())
 	}
-	sup, err := supervisor.New(supervisor.Options{
+	supOpts := supervisor.Options{
 		Command: command, Listeners: listeners, Shim: []string{"/proc/self/exe", supervisor.ShimCommand},
 		ReadyTimeout: *readyTimeout, ReadyDelay: *readyDelay, DrainTimeout: *drainTimeout, StopSignal: sig,
 		Instances: instances, MaxSurge: *maxSurge,
 		Stdout: stdout, Stderr: stderr, Logger: log, Version: version,
-	})
+	}
+	var sup *supervisor.Supervisor
+	if *metricsAddr != "" {
+		msrv, mln, err := runMetrics(*metricsAddr, &supOpts, func() control.Status { return sup.Status() })
+		if err != nil {
+			return fail(stderr, exitListen, "handoff run: cannot listen on %s (--metrics): %v", *metricsAddr, err)
+		}
+		log.Info("metrics", "addr", mln.Addr().String())
+		go msrv.Serve(mln)
+		defer msrv.Close()
+	}
+	sup, err = supervisor.New(supOpts)
 	if err != nil {
 		return fail(stderr, exitUsage, "handoff run: %v", err)
 	}

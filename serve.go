@@ -36,6 +36,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	check := fs.Bool("check", false, "check the flags and what they name, print the verdict and exit (0 when fine)")
 	tlsCert := fs.String("tls-cert", "", "serve HTTPS (and HTTP/2) on every --listen with this certificate (PEM); read by each generation, so an upgrade rotates it")
 	tlsKey := fs.String("tls-key", "", "the key of --tls-cert (PEM)")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -88,6 +89,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 
 	opts.Logger = base
+	sm := newServeMetrics(*metricsAddr, srv, &opts)
 	upg, err := upgrader.New(opts)
 	if err != nil {
 		code := exitFailure
@@ -122,7 +124,17 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if ml := upg.Moved(); ml != nil {
 		lns = append(lns, ml) // idle connections the previous generation moves here
 	}
-	serveErr := make(chan error, len(lns))
+	serveErr := make(chan error, len(lns)+1)
+	if sm != nil {
+		addr, err := sm.start(upg, serveErr)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return fail(stderr, exitListen, "handoff serve: cannot %v (--metrics)", err)
+		}
+		log.Info("metrics", "addr", addr.String())
+	}
 	for _, ln := range lns {
 		if httpSrv.TLSConfig != nil && ln != upg.Moved() {
 			go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
@@ -155,6 +167,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	log.Info("draining", "reason", reason, "in_flight", srv.InFlight(), "timeout", *drainTimeout)
 	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
 	defer cancel()
+	defer sm.drain(ctx)
 	var rep server.Report
 	if m := upg.Mover(); m != nil {
 		rep, err = srv.DrainTo(ctx, m) // idle connections move to the new generation
@@ -165,8 +178,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if err != nil {
 		level = slog.LevelWarn
 	}
-	upg.Drained(upgrader.DrainReport{Requests: rep.Requests, Closed: rep.ClosedIdle + rep.ClosedAfterResponse + rep.Hijacked,
-		Moved: rep.Moved, Cut: rep.Cut, Running: rep.Running, Duration: rep.Duration, Err: err})
+	upg.Drained(upgrader.DrainReport{Requests: rep.Requests, ClosedIdle: rep.ClosedIdle,
+		ClosedAfterResponse: rep.ClosedAfterResponse, Hijacked: rep.Hijacked, HTTP2: rep.HTTP2, Moved: rep.Moved,
+		Cut: rep.Cut, Running: rep.Running, Duration: rep.Duration, Err: err})
 	log.Log(ctx, level, "drained", "requests", rep.Requests, "closed_idle", rep.ClosedIdle,
 		"closed_after_response", rep.ClosedAfterResponse, "hijacked", rep.Hijacked, "cut", rep.Cut, "running", rep.Running, "moved", rep.Moved, "http2", rep.HTTP2,
 		"duration", rep.Duration, "cause", errString(err))

@@ -11,13 +11,16 @@ const MaxHandover = 2048
 // DrainReport is what a generation's drain did, as the server reports it to
 // Drained (package server's Report says the same in more detail).
 type DrainReport struct {
-	Requests int64         // answered while draining
-	Closed   int           // connections closed between requests
-	Moved    int           // connections handed to the new generation
-	Cut      int           // connections closed at the deadline
-	Running  int64         // handlers still running at the end
-	Duration time.Duration // of the drain
-	Err      error         // why it ended early: the deadline, a second signal
+	Requests            int64         // answered while draining
+	ClosedIdle          int           // idle connections closed
+	ClosedAfterResponse int           // connections closed after their last answer
+	Hijacked            int           // hijacked connections (WebSockets) closed
+	HTTP2               int           // HTTP/2 connections sent GOAWAY
+	Moved               int           // connections handed to the new generation
+	Cut                 int           // connections closed at the deadline
+	Running             int64         // handlers still running at the end
+	Duration            time.Duration // of the drain
+	Err                 error         // why it ended early: the deadline, a second signal
 }
 
 // Drained reports what this generation's drain did. It answers a stop asked
@@ -50,7 +53,10 @@ func (u *Upgrader) Inherited() []byte { return u.inherited }
 // drainMessage is DrainReport on the moves channel.
 type drainMessage struct {
 	Requests   int64  `json:"requests"`
-	Closed     int    `json:"closed"`
+	ClosedIdle int    `json:"closed_idle"`
+	ClosedResp int    `json:"closed_after_response"`
+	Hijacked   int    `json:"hijacked"`
+	HTTP2      int    `json:"http2"`
 	Moved      int    `json:"moved"`
 	Cut        int    `json:"cut"`
 	Running    int64  `json:"running"`
@@ -63,8 +69,8 @@ type drainMessage struct {
 const drainPrefix = 'D'
 
 func (m *movesOut) tell(r DrainReport) error {
-	dm := drainMessage{Requests: r.Requests, Closed: r.Closed, Moved: r.Moved, Cut: r.Cut, Running: r.Running,
-		DurationNS: int64(r.Duration)}
+	dm := drainMessage{Requests: r.Requests, ClosedIdle: r.ClosedIdle, ClosedResp: r.ClosedAfterResponse,
+		Hijacked: r.Hijacked, HTTP2: r.HTTP2, Moved: r.Moved, Cut: r.Cut, Running: r.Running, DurationNS: int64(r.Duration)}
 	if r.Err != nil {
 		dm.Err = r.Err.Error()
 	}
@@ -79,7 +85,8 @@ func parseDrain(b []byte) (DrainReport, bool) {
 	if len(b) < 2 || b[0] != drainPrefix || json.Unmarshal(b[1:], &dm) != nil {
 		return DrainReport{}, false
 	}
-	r := DrainReport{Requests: dm.Requests, Closed: dm.Closed, Moved: dm.Moved, Cut: dm.Cut, Running: dm.Running,
+	r := DrainReport{Requests: dm.Requests, ClosedIdle: dm.ClosedIdle, ClosedAfterResponse: dm.ClosedResp,
+		Hijacked: dm.Hijacked, HTTP2: dm.HTTP2, Moved: dm.Moved, Cut: dm.Cut, Running: dm.Running,
 		Duration: time.Duration(dm.DurationNS)}
 	if dm.Err != "" {
 		r.Err = drainError(dm.Err)

@@ -219,7 +219,8 @@ func (c controller) Stop(ctx context.Context) (control.Drain, error) {
 	select {
 	case <-c.u.drainedC:
 		d := c.u.drained
-		out := control.Drain{Requests: d.Requests, Closed: d.Closed, Moved: d.Moved, Cut: d.Cut, Running: d.Running,
+		out := control.Drain{Requests: d.Requests, Closed: d.ClosedIdle + d.ClosedAfterResponse + d.Hijacked + d.HTTP2,
+			Moved: d.Moved, Cut: d.Cut, Running: d.Running,
 			DurationMS: float64(d.Duration.Microseconds()) / 1000}
 		if d.Err != nil {
 			out.Error = d.Err.Error()

@@ -49,7 +49,8 @@ func benchIdleClients(b *testing.B, version string) {
 			v = itest.NextVersion(s.Version)
 		}
 		s.Deploy(v)
-		r := s.UpgradeCLI(b, "--wait")
+		// Not s.UpgradeCLI: it logs, and a benchmark keeps only 10 lines of output.
+		r := itest.CLI(b, "upgrade", "--pidfile", s.PIDFile, "--wait")
 		if r.Code != 0 {
 			b.Errorf("upgrade %d: %v", i, r)
 			break
@@ -151,12 +152,19 @@ func BenchmarkMigrateTenThousand(b *testing.B) {
 	s.Signal(p1, syscall.SIGHUP)
 	p2 := s.WaitNewPID(p1, 30*time.Second)
 	ready := time.Since(hup)
-	s.WaitGone(p1, 60*time.Second)
-	gone := time.Since(hup)
+	// The old generation exits once it has moved every connection. One it
+	// keeps (see settle) is answered there below, with Connection: close;
+	// the moved ones must be asked before the new generation's
+	// ReadHeaderTimeout (10 s) closes them (see
+	// TestMigrateMovedConnectionKeepsIdleTimeout), so wait 5 s at most.
+	goneIn := time.Duration(0)
+	if itest.Poll(5*time.Second, func() bool { return !itest.Alive(p1) }) {
+		goneIn = time.Since(hup)
+	}
 	b.StopTimer()
 
 	askStart := time.Now()
-	var failed, byNew int
+	var failed, byNew, byOld int
 	var mu sync.Mutex
 	var firstFail error
 	for _, c := range clients {
@@ -174,6 +182,8 @@ func BenchmarkMigrateTenThousand(b *testing.B) {
 				}
 			case a.pid == p2 && !a.redialed:
 				byNew++
+			case a.pid == p1:
+				byOld++
 			}
 		})
 	}
@@ -182,6 +192,7 @@ func BenchmarkMigrateTenThousand(b *testing.B) {
 	for _, c := range clients {
 		c.close()
 	}
+	s.WaitGone(p1, 60*time.Second)
 	stopServerToEOF(b, s)
 	rss.stop()
 
@@ -206,12 +217,16 @@ func BenchmarkMigrateTenThousand(b *testing.B) {
 	b.ReportMetric(float64(rss.peak(p1))/1024, "rss-old-MiB")
 	b.ReportMetric(float64(rss.peak(p2))/1024, "rss-new-MiB")
 	b.ReportMetric(float64(failed), "failed")
-	b.Logf("SIGHUP -> new generation ready %v, old one gone %v; old generation's drain %.1f ms: moved %d, cut %d; the new one received %d (logged %v after the old one's draining line)\n"+
+	gone := "not within 5 s"
+	if goneIn > 0 {
+		gone = goneIn.Round(time.Millisecond).String()
+	}
+	b.Logf("SIGHUP -> new generation ready %v, old one gone %s; old generation's drain %.1f ms: moved %d, cut %d; the new one received %d (logged %v after the old one's draining line)\n"+
 		"peak RSS MiB: old %.1f (%.1f before the upgrade), new %.1f\n"+
-		"then one request on each of the %d connections in %v: %d answered by the new generation on the same connection, %d failed",
-		ready.Round(time.Millisecond), gone.Round(time.Millisecond), float64(dur)/1e6, moved, cut, received, moveSpan.Round(time.Millisecond),
+		"then one request on each of the %d connections in %v: %d answered by the new generation on the same connection, %d by the old one (not moved), %d failed",
+		ready.Round(time.Millisecond), gone, float64(dur)/1e6, moved, cut, received, moveSpan.Round(time.Millisecond),
 		float64(rss.peak(p1))/1024, float64(hwm1)/1024, float64(rss.peak(p2))/1024,
-		conns, asked.Round(time.Millisecond), byNew, failed)
+		conns, asked.Round(time.Millisecond), byNew, byOld, failed)
 }
 
 // hwmSampler records the peak RSS (VmHWM, KiB) of every process it saw.

@@ -21,7 +21,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -189,7 +188,6 @@ func TestMigrateRequestsAroundHandoffAnsweredOnce(t *testing.T) {
 // connections until they ask again (each answer then says Connection: close);
 // the non-polling client sees no failure.
 func TestMigrateFallbackToOlderBinary(t *testing.T) {
-	skipKnownBug(t, "with a successor that takes no moves, the old generation drains the old way (serve.go calls Drain: idle connections closed after IdleGrace, 250 ms), and a non-polling client loses requests")
 	const conns = 50
 	nomovesBinary(t)
 	s := itest.StartServer(t, itest.ServerOpts{DrainTimeout: "5s"})
@@ -299,15 +297,8 @@ func TestMigrateFDsFlat(t *testing.T) {
 	})
 }
 
-// Known product bugs, each reproduced by a test that is skipped unless
-// HANDOFF_BUG_TESTS is set (they fail until the bug is fixed).
-
-func skipKnownBug(t *testing.T, what string) {
-	t.Helper()
-	if os.Getenv("HANDOFF_BUG_TESTS") == "" {
-		t.Skip("BUG: " + what + " (HANDOFF_BUG_TESTS=1 runs this test)")
-	}
-}
+// Bugs found in the first version of moving connections, each reproduced by a
+// test that failed before its fix.
 
 // A connection moved in and not used since moves again at the next handoff.
 // With h2c on (handoff serve's plaintext default), net/http's first read on a
@@ -316,7 +307,6 @@ func skipKnownBug(t *testing.T, what string) {
 // the connection stays in the old generation until the drain deadline, where
 // it is cut.
 func TestMigrateMovedConnectionMovesAgain(t *testing.T) {
-	skipKnownBug(t, "a moved connection not used since does not move again (h2c's 14-byte preface peek), and is cut at the drain deadline")
 	const conns = 20
 	s := itest.StartServer(t, itest.ServerOpts{DrainTimeout: "3s"})
 	p1 := s.LivePID()
@@ -349,7 +339,6 @@ func TestMigrateMovedConnectionMovesAgain(t *testing.T) {
 // takes it for a new connection and gives it ReadHeaderTimeout (10 s) for
 // its first request instead, so a client quiet for 10 s loses its next one.
 func TestMigrateMovedConnectionKeepsIdleTimeout(t *testing.T) {
-	skipKnownBug(t, "the new generation closes a moved idle connection after ReadHeaderTimeout (10 s), not IdleTimeout (120 s)")
 	const conns = 10
 	s := itest.StartServer(t, itest.ServerOpts{})
 	p1 := s.LivePID()
@@ -391,7 +380,6 @@ func TestMigrateMovedConnectionKeepsIdleTimeout(t *testing.T) {
 // is cut: the old generation lingers, and a client quiet that long loses
 // its next request.
 func TestMigrateConnectionIdleAfterTheDrainBeganMoves(t *testing.T) {
-	skipKnownBug(t, "a connection that turns idle after the drain's one move pass never moves; the old generation keeps it until the drain deadline")
 	s := itest.StartServer(t, itest.ServerOpts{DrainTimeout: "20s"})
 	p1 := s.LivePID()
 	// A small receive buffer, small segments (which keep the server's send

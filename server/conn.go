@@ -32,8 +32,9 @@ type conn struct {
 	offering     bool                  // its Read is answering the move right now
 	moved        bool                  // it moved: its close here shuts nothing down
 	http2        bool                  // it speaks HTTP/2: it drains with GOAWAY
-	closedIdle   bool                  // the drain closed it, idle
-	readDeadline time.Time             // the one net/http asked for
+	closedIdle   bool
+	fromMove     bool      // moved here from the previous generation (see SetReadDeadline)                  // the drain closed it, idle
+	readDeadline time.Time // the one net/http asked for
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.

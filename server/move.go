@@ -63,6 +63,13 @@ func (c *conn) requestMove(st *steal) bool {
 func (c *conn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.fromMove && c.lastRead.Load() == 0 && !t.IsZero() {
+		// A moved keep-alive connection waits for its next request as long as
+		// steady state lets an idle one wait, not ReadHeaderTimeout, which
+		// net/http gives a connection it takes for new; the header timeout
+		// starts at its first byte (see Read).
+		t = time.Now().Add(c.s.srv.IdleTimeout)
+	}
 	c.readDeadline = t
 	if c.stealing.Load() != nil {
 		return nil
@@ -89,13 +96,13 @@ func (c *conn) endSteal() {
 }
 
 // cancelSteal is endSteal from the drain's side, for a connection that did not
-// answer in time: only if its Read is not answering right now.
+// answer in time (its goroutine was not scheduled): only if its Read is not
+// answering right now. It may be asked again at the next pass.
 func (c *conn) cancelSteal(st *steal) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stealing.Load() == st && !c.offering {
 		c.stealing.Store(nil)
-		c.movable = false
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
 }
@@ -108,7 +115,11 @@ func (c *conn) Read(b []byte) (int, error) {
 	for {
 		n, err := c.Conn.Read(b)
 		if n > 0 {
+			first := c.fromMove && c.lastRead.Load() == 0
 			c.lastRead.Store(time.Now().UnixNano())
+			if first {
+				c.headerDeadline()
+			}
 		}
 		st := c.stealState()
 		if st == nil {
@@ -121,13 +132,24 @@ func (c *conn) Read(b []byte) (int, error) {
 			c.answer(st, -1)
 			return n, err
 		}
-		if len(b) < httpReadBuf || !c.offerable() {
+		if !c.offerable(len(b)) {
 			c.answer(st, -1)
 			continue // read again, with net/http's own deadline
 		}
 		if c.answer(st, c.fd()) {
 			return 0, io.EOF
 		}
+	}
+}
+
+// headerDeadline gives a moved connection's first request the header timeout
+// from its first byte, as net/http does for an idle keep-alive connection.
+func (c *conn) headerDeadline() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.readDeadline = time.Now().Add(c.s.srv.ReadHeaderTimeout)
+	if c.stealing.Load() == nil {
+		c.Conn.SetReadDeadline(c.readDeadline)
 	}
 }
 
@@ -141,11 +163,21 @@ func (c *conn) deadlinePassed() bool {
 // stealState is read on every Read: lock-free (written under mu).
 func (c *conn) stealState() *steal { return c.stealing.Load() }
 
-// offerable reports whether the connection still waits for a request.
-func (c *conn) offerable() bool {
+// offerable reports whether the connection waits for a request with nothing
+// of it read here, for a read of n bytes that found no data. A new connection
+// qualifies if nothing was ever read from it (whatever net/http asks for: its
+// first read may be a short peek for the HTTP/2 preface); an idle one if the
+// read asks for all of net/http's buffer, which is then empty.
+func (c *conn) offerable(n int) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.st == http.StateIdle || c.st == http.StateNew
+	switch c.st {
+	case http.StateNew:
+		return c.lastRead.Load() == 0
+	case http.StateIdle:
+		return n >= httpReadBuf
+	}
+	return false
 }
 
 // answer tells the drain whether c can move (fd >= 0) and, if so, waits for
@@ -167,6 +199,11 @@ func (c *conn) answer(st *steal, fd int) bool {
 	c.mu.Lock()
 	c.offering = false
 	c.moved = moved
+	if moved {
+		// The new generation has it: this process must never read from it
+		// again, whatever net/http tries next. Closing this copy sends no FIN.
+		c.Conn.Close()
+	}
 	c.mu.Unlock()
 	if !moved {
 		c.endSteal()

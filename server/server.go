@@ -35,6 +35,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/handoff-dev/handoff/internal/moved"
 )
 
 // Defaults for the zero values of Server's fields.
@@ -259,9 +261,6 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 
 	var rep Report
 	rep.HTTP2 = s.goAway()
-	if m != nil {
-		rep.Moved = s.moveIdle(m)
-	}
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
 	if m != nil {
 		grace = -1 // steady state's rule: IdleTimeout since the last request
@@ -270,6 +269,11 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	defer tick.Stop()
 	var err error
 	for {
+		if m != nil {
+			// Every pass: a connection that becomes idle later (its answer was
+			// still being written when the drain began) moves too.
+			rep.Moved += s.moveIdle(m)
+		}
 		if s.closeQuiet(grace, &rep) == 0 {
 			break
 		}
@@ -443,10 +447,12 @@ func (l *listener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	c := l.s.track(nc)
+	_, fromMove := l.Listener.(*moved.Listener)
+	c.mu.Lock()
+	c.fromMove = fromMove
 	if l.tls {
-		c.mu.Lock()
 		c.movable = false
-		c.mu.Unlock()
 	}
+	c.mu.Unlock()
 	return c, nil
 }

@@ -1,6 +1,7 @@
 package upgrader
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -144,13 +145,25 @@ func (u *Upgrader) Moved() net.Listener {
 }
 
 // Mover returns what moves idle connections to the generation that took over
-// (pass it to package server's DrainTo), or nil when none did or it cannot
-// take them (an older binary): then nothing moves.
+// (pass it to package server's DrainTo), or nil when none did (a final stop).
+// When the new generation cannot take connections (an older binary), its Move
+// fails: nothing moves, and the drain keeps idle connections open as steady
+// state would rather than close them under a client's feet.
 func (u *Upgrader) Mover() interface{ Move(fds []int) error } {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.handedTo == nil || !u.successorMoves || u.moves == nil {
+	switch {
+	case u.handedTo == nil:
 		return nil
+	case !u.successorMoves || u.moves == nil:
+		return refuseMoves{}
 	}
 	return u.moves
 }
+
+// refuseMoves is the Mover of a successor that takes no connections.
+type refuseMoves struct{}
+
+func (refuseMoves) Move([]int) error { return errNoMoves }
+
+var errNoMoves = errors.New("the new generation takes no moved connections")

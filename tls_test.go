@@ -539,18 +539,7 @@ func TestH2CAndHTTP1OnOneListener(t *testing.T) {
 	}
 }
 
-// tlsKnownBug skips the rest of a test that fails because of the product bug
-// described, unless HANDOFF_TLS_BUGS=1 asks to run it (and see it fail).
-func tlsKnownBug(t *testing.T, bug string) {
-	t.Helper()
-	if os.Getenv("HANDOFF_TLS_BUGS") == "" {
-		t.Skip("BUG: " + bug + " (HANDOFF_TLS_BUGS=1 runs this test)")
-	}
-}
-
 func TestH2CUnderLoadAcrossUpgrades(t *testing.T) {
-	tlsKnownBug(t, "h2c connections are not seen as HTTP/2 (server.ours cannot unwrap net/http's unencryptedNetConnInTLSConn): "+
-		"no GOAWAY at a drain, the old generation keeps serving them until the drain deadline, then cuts them with streams in flight")
 	s := tlsStartServe(t, t.TempDir(), nil, "10s")
 	tlsH2UnderLoad(t, s, func() *http.Transport {
 		return &http.Transport{Protocols: tlsProtocols(false, false, true)}
@@ -1076,9 +1065,6 @@ const (
 // be told to leave too: otherwise it is served until the drain deadline, then
 // cut with its streams in flight.
 func TestTLSHTTP2LateHandshakeGetsGoAway(t *testing.T) {
-	tlsKnownBug(t, "an HTTP/2 connection whose handshake ends after the drain's GOAWAY broadcast gets no GOAWAY "+
-		"(server.goAway counts the connections marked HTTP/2 once; net/http's HTTP/2 server keeps no shutdown flag for later ones): "+
-		"it is served until the drain deadline, then cut")
 	dir := t.TempDir()
 	ca := tlsNewCA(t, "handoff test CA")
 	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")

@@ -32,9 +32,11 @@ type conn struct {
 	offering     bool                  // its Read is answering the move right now
 	moved        bool                  // it moved: its close here shuts nothing down
 	http2        bool                  // it speaks HTTP/2: it drains with GOAWAY
-	closedIdle   bool
-	fromMove     bool      // moved here from the previous generation (see SetReadDeadline)                  // the drain closed it, idle
-	readDeadline time.Time // the one net/http asked for
+	closedIdle   bool                  // the drain closed it, idle
+	fromMove     bool                  // moved here from the previous generation (see SetReadDeadline)
+	http2At      time.Time             // when it became HTTP/2
+	toldAway     bool                  // sent GOAWAY
+	readDeadline time.Time             // the one net/http asked for
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.

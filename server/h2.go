@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"net"
 	"net/http"
+	"time"
 )
 
 // HTTP/2 drains with GOAWAY: the client learns which streams were processed
@@ -40,7 +41,7 @@ func (s *Server) setupHTTP2() error {
 		s.srv.TLSNextProto[proto] = func(hs *http.Server, tc *tls.Conn, h http.Handler) {
 			if c := ours(tc); c != nil {
 				c.mu.Lock()
-				c.http2, c.movable = true, false
+				c.http2, c.movable, c.http2At = true, false, time.Now()
 				c.mu.Unlock()
 			}
 			serve(hs, tc, h)
@@ -64,32 +65,49 @@ func (s *Server) protocols() http.Protocols {
 	return p
 }
 
-// goAway sends a graceful GOAWAY on every HTTP/2 connection and returns how
-// many there were.
+// goAway sends a graceful GOAWAY on every HTTP/2 connection not told yet and
+// returns how many it told. The drain calls it at every pass: a connection
+// whose handshake ends after the drain began is told too. One is told once
+// net/http's HTTP/2 server has surely registered it (a pass after it became
+// HTTP/2); telling one twice does nothing.
 func (s *Server) goAway() int {
-	n := 0
+	if s.h2 == nil {
+		return 0
+	}
+	settled := time.Now().Add(-pollInterval)
+	var tell []*conn
 	s.mu.Lock()
 	for c := range s.conns {
-		if c.isHTTP2() {
-			n++
+		c.mu.Lock()
+		if c.http2 && !c.toldAway && !c.http2At.After(settled) {
+			tell = append(tell, c)
 		}
+		c.mu.Unlock()
 	}
 	s.mu.Unlock()
-	if s.h2 != nil && n > 0 {
-		ctx, cancel := context.WithCancel(context.Background())
-		cancel() // only its hooks matter: it tracks no connection
-		s.h2.Shutdown(ctx)
+	if len(tell) == 0 {
+		return 0
 	}
-	return n
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // only its hooks matter: it tracks no connection
+	s.h2.Shutdown(ctx)
+	for _, c := range tell {
+		c.mu.Lock()
+		c.toldAway = true
+		c.mu.Unlock()
+	}
+	return len(tell)
 }
 
 // ours finds the tracked connection under nc: nc itself, or the connection a
 // *tls.Conn runs over.
 func ours(nc net.Conn) *conn {
-	for range 3 {
+	for range 4 {
 		switch c := nc.(type) {
 		case *conn:
 			return c
+		case interface{ UnencryptedNetConn() net.Conn }:
+			nc = c.UnencryptedNetConn() // h2c: net/http passes it inside a *tls.Conn
 		case interface{ NetConn() net.Conn }:
 			nc = c.NetConn()
 		default:

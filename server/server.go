@@ -260,7 +260,6 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	s.serving.Wait()
 
 	var rep Report
-	rep.HTTP2 = s.goAway()
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
 	if m != nil {
 		grace = -1 // steady state's rule: IdleTimeout since the last request
@@ -269,6 +268,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	defer tick.Stop()
 	var err error
 	for {
+		rep.HTTP2 += s.goAway()
 		if m != nil {
 			// Every pass: a connection that becomes idle later (its answer was
 			// still being written when the drain began) moves too.

@@ -30,6 +30,7 @@ func (u *Upgrader) attempt() (o outcome) {
 		u.mu.Lock()
 		u.last = &out
 		u.mu.Unlock()
+		u.upgrading.Store(false) // before the verdict is given
 		if o.err != nil {
 			u.sd.Failed(o.err)
 		}

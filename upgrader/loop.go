@@ -77,7 +77,6 @@ func (u *Upgrader) finalErr() error {
 func (u *Upgrader) run() {
 	g := gate.New[request](u.tf.HasParent())
 	defer func() {
-		u.phase.Store(g.Phase())
 		if u.control != nil {
 			u.control.Close() // the next generation, or nobody, answers from now on
 		}
@@ -97,6 +96,7 @@ func (u *Upgrader) run() {
 		}
 	}
 	start := func() {
+		u.upgrading.Store(true)
 		attempt = make(chan outcome, 1)
 		go func(c chan outcome) { c <- u.attempt() }(attempt)
 	}
@@ -105,7 +105,6 @@ func (u *Upgrader) run() {
 			u.log.Info("running queued upgrade")
 			start()
 		}
-		u.phase.Store(g.Phase())
 		select {
 		case <-ready:
 			ready = nil
@@ -189,7 +188,7 @@ func (u *Upgrader) settle(o outcome) bool {
 // status describes this generation now, for the control socket.
 func (u *Upgrader) status() control.Status {
 	st := control.Status{PID: os.Getpid(), Generation: u.generation, Version: u.opts.Version,
-		Started: u.started.UTC(), Phase: u.phase.Load().(gate.Phase)}
+		Started: u.started.UTC(), Phase: gate.Serving}
 	if u.opts.InFlight != nil {
 		st.InFlight = u.opts.InFlight()
 	}
@@ -198,13 +197,20 @@ func (u *Upgrader) status() control.Status {
 	st.LastUpgrade = u.last
 	handed := u.handedTo != nil
 	u.mu.Unlock()
+	// From the facts the gate decides on, each set before anyone hears of
+	// it (Ready returns, a verdict is given): a status asked right after
+	// never sees the phase before.
 	switch {
 	case handed:
 		st.Phase = gate.HandedOff
 	case isClosed(u.stopC):
 		st.Phase = gate.Stopping
-	case st.Phase == gate.DrainingPrevious:
-		st.PreviousPID = os.Getppid()
+	case !isClosed(u.readyC):
+		st.Phase = gate.Starting
+	case u.upgrading.Load():
+		st.Phase = gate.Upgrading
+	case !isClosed(u.parentC):
+		st.Phase, st.PreviousPID = gate.DrainingPrevious, os.Getppid()
 	}
 	return st
 }

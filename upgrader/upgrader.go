@@ -14,7 +14,6 @@ import (
 	"github.com/cloudflare/tableflip"
 
 	"github.com/handoff-dev/handoff/internal/control"
-	"github.com/handoff-dev/handoff/internal/gate"
 	"github.com/handoff-dev/handoff/internal/moved"
 	"github.com/handoff-dev/handoff/internal/pidfile"
 	"github.com/handoff-dev/handoff/internal/sdnotify"
@@ -110,7 +109,7 @@ type Upgrader struct {
 	started   time.Time
 	activated []activated            // from systemd, at first start, until claimed
 	control   *net.UnixListener      // nil without Options.ControlPath
-	phase     atomic.Value           // gate.Phase, stored by the run loop
+	upgrading atomic.Bool            // an attempt runs (for status, which reads it at once)
 	accepting chan struct{}          // closed when the control socket's Serve has returned
 	listeners []control.ListenerInfo // for status; guarded by mu
 	sd        sdnotify.Notifier
@@ -206,7 +205,6 @@ func New(opts Options) (*Upgrader, error) {
 	}
 	u.log = logger.With("pid", os.Getpid(), "generation", u.generation)
 	u.sd = sdnotify.Notifier{Log: u.log}
-	u.phase.Store(gate.Starting)
 	if u.moved, err = u.claimMoves(); err != nil {
 		u.log.Warn("cannot take moved connections", "error", err)
 	}

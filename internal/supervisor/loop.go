@@ -90,14 +90,18 @@ func (s *Supervisor) loop(ctx context.Context) error {
 	}
 	// answer ends the running attempt with o.
 	answer := func(o outcome) {
-		for _, r := range g.Done() {
-			r.reply <- o
-		}
-		s.observe(o)
+		waiting := g.Done()
 		if o.err != nil {
 			s.setLast(o)
 			s.sd.Failed(o.err)
 		}
+		// Status first: a client that hears the verdict and asks for the
+		// status sees the phase after it.
+		s.setStatus(g.Phase(), generation, cs)
+		for _, r := range waiting {
+			r.reply <- o
+		}
+		s.observe(o)
 	}
 	stop := func(c *child, why string) {
 		delete(cs.starting, c.pid)

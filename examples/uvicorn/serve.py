@@ -119,7 +119,7 @@ class Server(uvicorn.Server):
     def install_signal_handlers(self):
         # Python's handlers rather than the event loop's, which are removed
         # with the loop: a second stop signal (handoff run's own stop while
-        # this one drains) during the interpreter's exit would kill it.
+        # this one drains) as the loop closes would kill it.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle_exit)
 
@@ -149,6 +149,11 @@ def main():
         timeout_keep_alive=args.timeout_keep_alive,
     )
     Server(config).run()
+    # Served and drained. Python puts the default action back on the signals it
+    # handles as it exits (not on ignored ones): a stop signal then would kill
+    # it rather than let it exit 0.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ const usage = `usage:
   handoff status [flags]    show a running server's generation, phase and last upgrade
   handoff stop [flags]      stop a running server gracefully; wait for its drain and say what it did
   handoff load [flags]      send a constant-rate load that never retries; exit 1 if any request failed
+  handoff verify [flags]    prove it on a running server: a load, upgrades meanwhile, and a verdict
   handoff version           print the version
 Run "handoff COMMAND -h" for a command's flags.
 Exit codes: 0 ok, 1 failed (upgrade: the old process keeps serving; stop: the drain was cut), 2 bad usage,
@@ -92,6 +93,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return statusCmd(args[1:], stdout, stderr)
 	case "stop":
 		return stopCmd(args[1:], stdout, stderr)
+	case "verify":
+		return verifyCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, version)
 		return exitOK

@@ -21,6 +21,7 @@ import (
 type serveMetrics struct {
 	addr string
 	m    *metrics.Metrics
+	ln   net.Listener
 	srv  *server.Server
 }
 
@@ -34,26 +35,39 @@ func newServeMetrics(addr string, app *server.Server, opts *upgrader.Options) *s
 	return &serveMetrics{addr: addr, m: m}
 }
 
-// start takes the counters the previous generation handed over and serves
-// /metrics on the listener for addr (inherited after an upgrade).
-func (sm *serveMetrics) start(upg *upgrader.Upgrader, errs chan<- error) (net.Addr, error) {
+// listen takes the counters the previous generation handed over and the
+// listener for addr (inherited after an upgrade).
+func (sm *serveMetrics) listen(upg *upgrader.Upgrader) (net.Addr, error) {
 	sm.m.Start(upg.Generation(), upg.Inherited())
 	network, addr := sockaddr.Split(sm.addr)
-	ln, err := upg.Listen(network, addr)
+	ln, err := upg.ListenAs("metrics", network, addr) // by name: --listen may give the same address string
 	if err != nil {
 		return nil, err
+	}
+	sm.ln = ln
+	return ln.Addr(), nil
+}
+
+// serve answers /metrics, from Ready on: a new generation that fails is
+// never scraped.
+func (sm *serveMetrics) serve(errs chan<- error) {
+	if sm == nil {
+		return
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", sm.m.Handler())
 	sm.srv = &server.Server{Handler: mux}
-	go func() { errs <- sm.srv.Serve(ln) }()
-	return ln.Addr(), nil
+	go func() { errs <- sm.srv.Serve(sm.ln) }()
 }
 
 // drain stops this generation's endpoint; the next one serves on.
 func (sm *serveMetrics) drain(ctx context.Context) {
-	if sm != nil && sm.srv != nil {
+	switch {
+	case sm == nil:
+	case sm.srv != nil:
 		sm.srv.Drain(ctx)
+	case sm.ln != nil:
+		sm.ln.Close() // never served: not ready
 	}
 }
 

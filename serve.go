@@ -126,7 +126,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	serveErr := make(chan error, len(lns)+1)
 	if sm != nil {
-		addr, err := sm.start(upg, serveErr)
+		addr, err := sm.listen(upg)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -151,6 +151,8 @@ func serveCmd(args []string, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stderr, "handoff serve: %v\n", err)
 		upg.Stop()
+	} else {
+		sm.serve(serveErr)
 	}
 
 	select {
@@ -167,7 +169,14 @@ func serveCmd(args []string, stderr io.Writer) int {
 	log.Info("draining", "reason", reason, "in_flight", srv.InFlight(), "timeout", *drainTimeout)
 	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
 	defer cancel()
-	defer sm.drain(ctx)
+	// The metrics endpoint stops answering here at once, so that a scrape never
+	// sees this generation's older values once the next one serves.
+	metricsDrained := make(chan struct{})
+	go func() {
+		defer close(metricsDrained)
+		sm.drain(ctx)
+	}()
+	defer func() { <-metricsDrained }()
 	var rep server.Report
 	if m := upg.Mover(); m != nil {
 		rep, err = srv.DrainTo(ctx, m) // idle connections move to the new generation

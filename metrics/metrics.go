@@ -126,15 +126,13 @@ func (m *Metrics) Handover() []byte {
 	return b
 }
 
-// OnUpgrade is upgrader.Options.OnUpgrade (and the supervisor's): it counts
-// each outcome; a success is counted by the new generation (Start), which
-// serves on after this one.
+// OnUpgrade is upgrader.Options.OnUpgrade: it counts each outcome. A success
+// is counted here, for the moment this generation still answers, and by the
+// new generation (Start), whose count starts from this one's before it.
 func (m *Metrics) OnUpgrade(res upgrader.Result, err error) {
 	switch {
 	case err == nil:
-		// handoff serve: the new generation counts it. handoff run: the
-		// supervisor stays, and counts it here (see Supervised).
-		return
+		m.add("upgrades", ResultOK, 1)
 	case errors.Is(err, upgrader.ErrUpgradeInProgress), errors.Is(err, upgrader.ErrParentDraining):
 		m.add("upgrades", ResultBusy, 1)
 	case errors.Is(err, upgrader.ErrNotReady):

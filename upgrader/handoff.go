@@ -214,11 +214,9 @@ func (c *childChannel) readReport(timeout time.Duration) (report, error) {
 // not wait.
 func (c *childChannel) started() int {
 	buf := make([]byte, maxMessage)
-	c.mine.SetReadDeadline(time.Now())
-	defer c.mine.SetReadDeadline(time.Time{})
 	pid := 0
 	for {
-		n, err := c.mine.Read(buf)
+		n, err := recvNow(c.mine, buf)
 		if err != nil {
 			return pid
 		}
@@ -260,11 +258,27 @@ func (c *childChannel) Close() {
 
 func discard(conn *net.UnixConn) {
 	buf := make([]byte, maxMessage)
-	conn.SetReadDeadline(time.Now())
-	defer conn.SetReadDeadline(time.Time{})
 	for {
-		if _, err := conn.Read(buf); err != nil {
+		if _, err := recvNow(conn, buf); err != nil {
 			return
 		}
 	}
+}
+
+// recvNow reads the datagram waiting on conn, if there is one, without
+// waiting. (A read with a deadline already past would not do: Go's poller
+// answers it with a timeout without reading at all.)
+func recvNow(conn *net.UnixConn, buf []byte) (int, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := raw.Control(func(fd uintptr) {
+		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+	}); err != nil {
+		return 0, err
+	}
+	return n, rerr
 }

@@ -15,7 +15,19 @@ import (
 // addr inherited from the previous generation, or creates one. The same network
 // and addr strings must be used in every generation: they are the key.
 func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
-	ln, err := u.listen(network, addr)
+	return u.ListenAs("", network, addr)
+}
+
+// ListenAs is Listen for a listener that the next generation finds again by
+// name rather than by network and address: for two listeners whose address
+// strings are the same ("127.0.0.1:0", a port chosen by the kernel, given for
+// both), say. An empty name is Listen.
+func (u *Upgrader) ListenAs(name, network, addr string) (net.Listener, error) {
+	key := addr
+	if name != "" {
+		key = "handoff-name:" + name
+	}
+	ln, err := u.listen(network, addr, key)
 	if err == nil {
 		u.mu.Lock()
 		u.listeners = append(u.listeners, control.ListenerInfo{Network: network, Addr: ln.Addr().String()})
@@ -24,8 +36,10 @@ func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
 	return ln, err
 }
 
-func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
-	if ln, err := u.tf.Listener(network, addr); ln != nil || err != nil {
+// listen inherits the listener for network and key, or creates one on addr
+// and hands it on under key.
+func (u *Upgrader) listen(network, addr, key string) (net.Listener, error) {
+	if ln, err := u.tf.Listener(network, key); ln != nil || err != nil {
 		return ln, err
 	}
 	if ln, err := u.claimActivated(network, addr); ln != nil || err != nil {
@@ -37,7 +51,7 @@ func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
 	// tableflip formats the callback's error with %s; keep ours, so that
 	// errors.Is(err, syscall.EADDRINUSE) works.
 	var lerr error
-	ln, err := u.tf.ListenWithCallback(network, addr, func(network, addr string) (net.Listener, error) {
+	ln, err := u.tf.ListenWithCallback(network, key, func(network, _ string) (net.Listener, error) {
 		ln, err := new(net.ListenConfig).Listen(context.Background(), network, addr)
 		lerr = err
 		return ln, err
@@ -58,7 +72,7 @@ func (u *Upgrader) listen(network, addr string) (net.Listener, error) {
 
 // listenControl opens the control socket (inherited after an upgrade), mode 0600.
 func (u *Upgrader) listenControl(path string) (*net.UnixListener, error) {
-	ln, err := u.listen("unix", path)
+	ln, err := u.listen("unix", path, path)
 	if err != nil {
 		return nil, err
 	}

@@ -64,11 +64,17 @@ function drain() {
   if (drainingSince) return;
   drainingSince = Date.now();
   server.close(() => process.exit(0)); // stops accepting; the callback runs once no connection is left
+  const idleEnough = (state) => !state.busy && Date.now() - Math.max(state.idleSince, drainingSince) >= IDLE_GRACE_MS;
   const tick = setInterval(() => {
-    const now = Date.now();
-    for (const [socket, state] of conns) {
-      if (!state.busy && now - Math.max(state.idleSince, drainingSince) >= IDLE_GRACE_MS) socket.destroy();
-    }
+    const idle = [...conns].filter(([, state]) => idleEnough(state));
+    if (idle.length === 0) return;
+    // Timers run before the event loop reads its sockets: when the process
+    // is starved of CPU, a request may already wait in a connection that
+    // looks idle here. setImmediate runs after that reading, once the
+    // request (if any) has marked its connection busy.
+    setImmediate(() => {
+      for (const [socket, state] of idle) if (idleEnough(state)) socket.destroy();
+    });
   }, 10);
   tick.unref();
 }

@@ -419,7 +419,9 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 		defer func() {
 			left := s.inFlight.Add(-1)
 			if s.draining.Load() {
-				if !rw.hijacked {
+				// Answered: its connection is still there (a request cut at the
+				// deadline, or whose client left, has its context cancelled).
+				if !rw.hijacked && r.Context().Err() == nil {
 					s.answered.Add(1)
 				}
 				if left == 0 {

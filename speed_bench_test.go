@@ -1,0 +1,1622 @@
+package main_test
+
+// Benchmarks of how fast one upgrade is (issue 12), observed from the outside
+// like bench_test.go's:
+//
+//	go test -run '^$' -bench 'BenchmarkUpgradeSpeed|BenchmarkUpgradeTenThousandConns' -benchtime 1x -v .
+//
+// Run them with -v: without it the testing package keeps only the first 10
+// lines of a benchmark's output, and the tables are longer.
+//
+// BenchmarkUpgradeSpeed (about 3 minutes) has sub-benchmarks:
+//
+//   - exec: the exec of the binaries alone, 30 times each (/bin/true,
+//     handoff version as built for the upgrades, with cgo, and built with
+//     CGO_ENABLED=0), and the package inits of handoff (GODEBUG=inittrace=1);
+//   - handoff: 20 upgrades of handoff serve, one SIGHUP a second, under the
+//     load of BenchmarkUpgradeUnderLoad, broken down stage by stage from the
+//     SIGHUP to the first answer by the new PID and to the old process's exit;
+//   - tfexample: the same harness on tableflip's documented example
+//     (internal/tfexample), which skips a reload while its previous
+//     generation still drains, and loses requests;
+//   - interleaved: handoff and the example at once, the example's SIGHUPs
+//     half a second after handoff's, each under half the load, so that the
+//     machine's other work falls on both alike;
+//   - handoff-static: as handoff, every new generation built with
+//     CGO_ENABLED=0;
+//   - handoff-inittrace: 10 upgrades with GODEBUG=inittrace=1, to place the
+//     end of the new generation's package inits.
+//
+// The parent then prints the medians side by side. A SIGHUP that handoff
+// queues behind the previous generation's drain (its /slow requests take
+// 800 ms) counts in "median" but not in "median-at-once", and the breakdown
+// is over the upgrades that started at once.
+//
+// BenchmarkUpgradeTenThousandConns upgrades once with 10,000 idle keep-alive
+// connections open and 1000 req/s of fast requests (about 40 s).
+//
+// Sources of the times: the test's clock when it sends the signal; the JSON
+// logs of handoff serve (slog, nanoseconds) and the example's (log, with
+// microseconds); a poller that sends GET / on a new connection every 200 µs
+// from just before the signal until a new PID answers; the load tool's first
+// answer per PID; and the kernel's process connector (netlink), which stamps
+// the fork, exec and exit of every process. The connector needs
+// CAP_NET_ADMIN in the initial network namespace; without it those rows
+// show "-".
+//
+// They report metrics and never assert speed; they fail only when a server
+// cannot start or an upgrade does not happen at all.
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/itest"
+	"github.com/handoff-dev/handoff/internal/loadgen"
+)
+
+// The upgrades of BenchmarkUpgradeSpeed, and their load (BenchmarkUpgradeUnderLoad's).
+const (
+	spUpgrades = 20
+	spRate     = 2000
+	spSlow     = 800 * time.Millisecond
+)
+
+func spLoadArgs() []string {
+	return []string{"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", spSlow.String(), "--samples"}
+}
+
+func BenchmarkUpgradeSpeed(b *testing.B) {
+	ev, evErr := spListenEvents(b)
+	if evErr != nil {
+		b.Logf("no process connector (%v): the fork, exec and exit rows are empty", evErr)
+	}
+	var (
+		static     string
+		staticOnce sync.Once
+		execs      *spExecs
+		runs       = map[string]*spRun{}
+	)
+	staticBin := func() string { // built in b's directory: it outlives the sub-benchmarks
+		staticOnce.Do(func() { static = spBuildStatic(b) })
+		return static
+	}
+	b.Run("exec", func(b *testing.B) {
+		execs = spExecBaseline(b, ev, staticBin())
+		var t strings.Builder
+		execs.write(&t)
+		b.Log(strings.TrimSuffix(t.String(), "\n"))
+	})
+	run := func(name string, f func(b *testing.B) *spRun) {
+		b.Run(name, func(b *testing.B) {
+			r := f(b)
+			if r == nil {
+				return
+			}
+			runs[name] = r
+			r.report(b, "")
+		})
+	}
+	run("handoff", func(b *testing.B) *spRun { return spRunHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades}) })
+	run("tfexample", func(b *testing.B) *spRun { return spRunTableflip(b, ev) })
+	// Both at once, so that the machine's other work falls on both alike: the
+	// example's SIGHUPs half a second after handoff's, each load at half
+	// the rate.
+	b.Run("interleaved", func(b *testing.B) {
+		ph := spStartHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades, rate: spRate / 2})
+		pt := spStartTableflip(b, ev, spRate/2)
+		tfUps := make(chan []spUpgrade, 1)
+		go func() {
+			time.Sleep(500 * time.Millisecond)
+			tfUps <- spUpgradeLoop(b, pt.t, spUpgrades, pt.rss)
+		}()
+		hUps := spUpgradeLoop(b, ph.t, spUpgrades, ph.rss)
+		hr, tr := ph.after(hUps), pt.after(<-tfUps)
+		hr.name += ", interleaved"
+		tr.name += ", interleaved"
+		runs["interleaved-handoff"], runs["interleaved-tfexample"] = hr, tr
+		hr.report(b, "handoff-")
+		tr.report(b, "tfexample-")
+	})
+	run("handoff-static", func(b *testing.B) *spRun {
+		if staticBin() == "" {
+			b.Skip("no CGO_ENABLED=0 build")
+		}
+		return spRunHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades, static: static})
+	})
+	run("handoff-inittrace", func(b *testing.B) *spRun {
+		if execs == nil || ev == nil {
+			b.Skip("needs the exec sub-benchmark and the process connector")
+		}
+		return spRunHandoff(b, ev, spHandoffOpts{upgrades: 10, inittrace: execs})
+	})
+
+	// Side by side.
+	var t strings.Builder
+	fmt.Fprintf(&t, "SIGHUP -> first answer from the new PID (poller), ms: median of the upgrades done (of those that started at once) | max; load tool's first answer median\n")
+	for _, name := range []string{"handoff", "tfexample", "interleaved-handoff", "interleaved-tfexample", "handoff-static", "handoff-inittrace"} {
+		if r := runs[name]; r != nil {
+			r.writeSummary(&t)
+		}
+	}
+	b.Log(strings.TrimSuffix(t.String(), "\n"))
+}
+
+// ---------------------------------------------------------------------------
+// One run of upgrades under load.
+
+// spTarget is a server under test, as the upgrade loop needs it.
+type spTarget struct {
+	addr    string
+	pidFile string
+	logs    *itest.Logs
+	deploy  func()                           // put a fresh copy of the binary in place
+	skipped func(l itest.Line, old int) bool // a line of old saying that this upgrade will not happen
+	queued  func(l itest.Line, old int) bool // a line of old saying that it is queued
+}
+
+// spUpgrade is what one upgrade recorded.
+type spUpgrade struct {
+	old, new int
+	hup      int64 // unix ns, just before kill(2)
+	mark     int   // log index at the signal
+	poll     spPollResult
+	skipped  bool
+	queued   bool
+}
+
+// spRun is the outcome of a run of upgrades.
+type spRun struct {
+	name    string
+	ups     []spUpgrade
+	res     *loadgen.Result
+	done    int // upgrades after which a new PID answered
+	skipped int
+	queued  int
+	pollMs  []float64 // HUP -> first answer from the new PID, by the poller
+	onceMs  []float64 // the same, of the upgrades that started at once (not queued)
+	loadMs  []float64 // the same, by the load tool
+	// Failed requests sent in the second after a SIGHUP, and the others;
+	// notSent of them were never sent (overload: the load tool already had
+	// 2048 requests without an answer, a stall of a second or more).
+	failAfter, failElse, notSent int
+	stalls                       string    // where the stalls and the slowest answers were
+	loadAvg                      [2]string // before and after
+	rssMiB                       []float64 // peak RSS of every generation
+	stages                       []spStage
+	at                           [][]int64 // at[i][j]: unix ns of stage j in upgrade i (0: unknown)
+}
+
+// spStage is a moment of an upgrade.
+type spStage struct {
+	name string
+	at   func(u spUpgrade) int64 // unix ns; 0 when unknown
+}
+
+// spUpgradeLoop upgrades t n times, one SIGHUP to the PID file's process per
+// second, and returns what it saw; it may run in a goroutine of its own. A
+// SIGHUP that does not give a new PID within 6 s, or that t's process says it
+// skips, counts as skipped; the loop then goes on.
+func spUpgradeLoop(b *testing.B, t spTarget, n int, rss *spRSS) []spUpgrade {
+	b.Helper()
+	var ups []spUpgrade
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		old, err := itest.ReadPIDFile(t.pidFile)
+		if err != nil {
+			b.Errorf("upgrade %d: %v", i+1, err) // not Fatal: it may run in a goroutine of its own
+			break
+		}
+		u := spUpgrade{old: old, mark: t.logs.Mark()}
+		t.deploy()
+		stop := make(chan struct{})
+		pollC := make(chan spPollResult, 1)
+		go func() { pollC <- spPollNew(t.addr, old, stop) }()
+		u.hup = time.Now().UnixNano()
+		if err := syscall.Kill(old, syscall.SIGHUP); err != nil {
+			close(stop)
+			<-pollC
+			b.Errorf("upgrade %d: kill(%d, SIGHUP): %v", i+1, old, err)
+			break
+		}
+		got := false
+		deadline := time.NewTimer(6 * time.Second)
+		check := time.NewTicker(5 * time.Millisecond)
+	wait:
+		for {
+			select {
+			case u.poll = <-pollC:
+				got = true
+				break wait
+			case <-check.C:
+				if _, _, ok := t.logs.First(u.mark, "", func(l itest.Line) bool { return t.skipped(l, old) }); ok {
+					u.skipped = true
+					break wait
+				}
+			case <-deadline.C:
+				u.skipped = true
+				break wait
+			}
+		}
+		deadline.Stop()
+		check.Stop()
+		close(stop)
+		if !got {
+			u.poll = <-pollC
+			if u.poll.pid != 0 { // it answered after all, at the very end
+				u.skipped = false
+			}
+		}
+		if _, _, ok := t.logs.First(u.mark, "", func(l itest.Line) bool { return t.queued(l, old) }); ok {
+			u.queued = true
+		}
+		if u.poll.pid != 0 {
+			u.new = u.poll.pid
+			rss.add(u.new)
+			// The next SIGHUP goes to the PID file's process: wait for the new one to be in it.
+			itest.Poll(5*time.Second, func() bool { p, err := itest.ReadPIDFile(t.pidFile); return err == nil && p == u.new })
+		}
+		ups = append(ups, u)
+	}
+	<-tick.C // the last generation serves for a second too
+	if len(ups) > 0 {
+		last := ups[len(ups)-1]
+		if last.new != 0 {
+			itest.Poll(15*time.Second, func() bool { return !itest.Alive(last.old) })
+		}
+	}
+	return ups
+}
+
+// finish fills r's figures from its upgrades, the load's result and rss.
+func (r *spRun) finish(res *loadgen.Result, rss *spRSS) {
+	r.res = res
+	for _, u := range r.ups {
+		switch {
+		case u.new != 0:
+			r.done++
+			r.pollMs = append(r.pollMs, float64(u.poll.at-u.hup)/1e6)
+			if !u.queued {
+				r.onceMs = append(r.onceMs, float64(u.poll.at-u.hup)/1e6)
+			}
+			if ps, ok := itest.PIDStat(res, u.new); ok && ps.First > 0 {
+				r.loadMs = append(r.loadMs, float64(ps.First-u.hup)/1e6)
+			}
+		case u.skipped:
+			r.skipped++
+		}
+		if u.queued {
+			r.queued++
+		}
+	}
+	for _, kib := range rss.peaks() {
+		r.rssMiB = append(r.rssMiB, float64(kib)/1024)
+	}
+	for _, smp := range res.Samples {
+		if smp.OK {
+			continue
+		}
+		after := false
+		for _, u := range r.ups {
+			if smp.Start >= u.hup && smp.Start < u.hup+int64(time.Second) {
+				after = true
+			}
+		}
+		if after {
+			r.failAfter++
+		} else {
+			r.failElse++
+		}
+	}
+	r.notSent = int(res.Failures["overload"])
+	r.stalls = spStalls(res, r.ups)
+	r.at = make([][]int64, len(r.ups))
+	for i, u := range r.ups {
+		r.at[i] = make([]int64, len(r.stages))
+		if u.new == 0 {
+			continue
+		}
+		for j, s := range r.stages {
+			r.at[i][j] = s.at(u)
+		}
+	}
+}
+
+// writeBreakdown writes the table of r's stages: for each, the median time
+// since the SIGHUP, the median step from the stage before it that the same
+// upgrade has, and the range since the SIGHUP, over the upgrades done.
+func (r *spRun) writeBreakdown(t *strings.Builder) {
+	once := 0
+	for _, u := range r.ups {
+		if u.new != 0 && !u.queued {
+			once++
+		}
+	}
+	fmt.Fprintf(t, "%s: %d upgrades done of %d SIGHUPs (%d queued behind the previous drain, %d skipped); ms, median over the %d done at once:\n",
+		r.name, r.done, len(r.ups), r.queued, r.skipped, once)
+	fmt.Fprintf(t, "  %-62s %9s %9s %17s\n", "stage", "from HUP", "step", "min..max from HUP")
+	for j, s := range r.stages {
+		var since, step []float64
+		for i := range r.ups {
+			a := r.at[i][j]
+			if a == 0 || r.ups[i].queued {
+				continue
+			}
+			since = append(since, float64(a-r.ups[i].hup)/1e6)
+			prev := r.ups[i].hup
+			for k := j - 1; k >= 0; k-- {
+				if r.at[i][k] != 0 {
+					prev = r.at[i][k]
+					break
+				}
+			}
+			step = append(step, float64(a-prev)/1e6)
+		}
+		if len(since) == 0 {
+			fmt.Fprintf(t, "  %-62s %9s %9s %17s\n", s.name, "-", "-", "-")
+			continue
+		}
+		fmt.Fprintf(t, "  %-62s %9.2f %9.2f %8.2f..%-8.2f\n", s.name, percentile(since, 50), percentile(step, 50), slices.Min(since), slices.Max(since))
+	}
+}
+
+// spStalls describes where, relative to the SIGHUPs, the load tool stalled
+// (requests not sent: it had 2048 without an answer) and its five slowest
+// answers came from: which upgrade's window, and whether the old or the new
+// process of that upgrade answered.
+func spStalls(res *loadgen.Result, ups []spUpgrade) string {
+	where := func(t int64) string {
+		i := -1
+		for j, u := range ups {
+			if u.hup <= t {
+				i = j
+			}
+		}
+		if i < 0 {
+			return "before the first SIGHUP"
+		}
+		return fmt.Sprintf("HUP %d +%.0f ms", i+1, float64(t-ups[i].hup)/1e6)
+	}
+	who := func(pid int) string {
+		for _, u := range ups {
+			switch pid {
+			case u.old:
+				return "old"
+			case u.new:
+				return "new"
+			}
+		}
+		return strconv.Itoa(pid)
+	}
+	var out []string
+	var from, to int64
+	n := 0
+	flush := func() {
+		if n > 0 {
+			out = append(out, fmt.Sprintf("%d not sent %s..%.0f ms", n, where(from), float64(to-from)/1e6))
+		}
+		n = 0
+	}
+	var okS []loadgen.Sample
+	for _, smp := range res.Samples {
+		if smp.OK {
+			if smp.LatencyUS < 800_000 || smp.LatencyUS > 900_000 { // not a /slow request answered on time
+				okS = append(okS, smp)
+			}
+			continue
+		}
+		if smp.PID != 0 || smp.LatencyUS != 0 {
+			continue // a failure that was sent
+		}
+		if n > 0 && smp.Start-to > int64(100*time.Millisecond) {
+			flush()
+		}
+		if n == 0 {
+			from = smp.Start
+		}
+		to = smp.Start
+		n++
+	}
+	flush()
+	slices.SortFunc(okS, func(a, b loadgen.Sample) int { return int(b.LatencyUS - a.LatencyUS) })
+	var slow []string
+	for _, smp := range okS[:min(5, len(okS))] {
+		slow = append(slow, fmt.Sprintf("%.0f ms sent %s, by %s", float64(smp.LatencyUS)/1e3, where(smp.Start), who(smp.PID)))
+	}
+	stalls := "no stall"
+	if len(out) > 0 {
+		stalls = "stalls: " + strings.Join(out, "; ")
+	}
+	return stalls + "; slowest answers (not /slow): " + strings.Join(slow, "; ")
+}
+
+// writeSummary writes r's line of the side-by-side summary.
+func (r *spRun) writeSummary(t *strings.Builder) {
+	fmt.Fprintf(t, "  %-36s %6.2f (%6.2f) | %7.2f; load tool %6.2f; done %2d of %d, queued %d, skipped %d; requests %d, failed %d %v (%d sent in the second after a SIGHUP; %d never sent: a stall); peak RSS per generation median %.1f max %.1f MiB\n",
+		r.name, percentile(r.pollMs, 50), percentile(r.onceMs, 50), maxOf(r.pollMs), percentile(r.loadMs, 50),
+		r.done, len(r.ups), r.queued, r.skipped, r.res.Requests, r.res.Failed, r.res.Failures, r.failAfter, r.notSent,
+		percentile(r.rssMiB, 50), maxOf(r.rssMiB))
+}
+
+// report logs r's tables and reports its metrics, their units prefixed with prefix.
+func (r *spRun) report(b *testing.B, prefix string) {
+	var t strings.Builder
+	fmt.Fprintf(&t, "load average before %s, after %s\n", r.loadAvg[0], r.loadAvg[1])
+	r.writeBreakdown(&t)
+	r.writeSummary(&t)
+	fmt.Fprintf(&t, "  %s\n", r.stalls)
+	b.Log(strings.TrimSuffix(t.String(), "\n"))
+	if r.res.Failed > 0 {
+		b.Logf("first failures:\n%s", strings.Join(r.res.Errors, "\n"))
+	}
+	b.ReportMetric(percentile(r.pollMs, 50), prefix+"median-ms")
+	b.ReportMetric(percentile(r.onceMs, 50), prefix+"median-at-once-ms")
+	b.ReportMetric(maxOf(r.pollMs), prefix+"max-ms")
+	b.ReportMetric(float64(r.done), prefix+"upgrades")
+	b.ReportMetric(float64(r.skipped), prefix+"skipped")
+	b.ReportMetric(float64(r.queued), prefix+"queued")
+	b.ReportMetric(float64(r.res.Failed), prefix+"failed")
+	b.ReportMetric(percentile(r.rssMiB, 50), prefix+"rss-median-MiB")
+	b.ReportMetric(maxOf(r.rssMiB), prefix+"rss-max-MiB")
+}
+
+func cmpOr(a, b int) int {
+	if a != 0 {
+		return a
+	}
+	return b
+}
+
+// spLoadAvg is the first three fields of /proc/loadavg.
+func spLoadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// spRunHandoff runs handoff serve through spUpgrades upgrades. With static
+// set, every new generation is that binary (a CGO_ENABLED=0 build).
+func spRunHandoff(b *testing.B, ev *spEvents, o spHandoffOpts) *spRun {
+	b.Helper()
+	p := spStartHandoff(b, ev, o)
+	return p.after(spUpgradeLoop(b, p.t, o.upgrades, p.rss))
+}
+
+// spPrepared is a server under its load, ready for its upgrade loop; after
+// stops the load and the server and makes the run of the upgrades.
+type spPrepared struct {
+	t     spTarget
+	rss   *spRSS
+	after func(ups []spUpgrade) *spRun
+}
+
+// spStartHandoff starts handoff serve and its load for spRunHandoff.
+func spStartHandoff(b *testing.B, ev *spEvents, o spHandoffOpts) *spPrepared {
+	b.Helper()
+	rate := cmpOr(o.rate, spRate)
+	name, static := "handoff serve", o.static
+	opts := itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "10s"}
+	switch {
+	case static != "":
+		name = "handoff serve, CGO_ENABLED=0 build"
+	case o.inittrace != nil:
+		name = "handoff serve, GODEBUG=inittrace=1"
+		opts.CleanEnv, opts.Env = true, []string{"GODEBUG=inittrace=1"}
+	}
+	load0 := spLoadAvg()
+	s := itest.StartServer(b, opts)
+	rss := spSampleRSS(b, s.LivePID())
+	load := itest.StartLoad(b, s.Addr, rate, spLoadArgs()...)
+	t := spTarget{
+		addr: s.Addr, pidFile: s.PIDFile, logs: s.Logs,
+		deploy: func() {
+			if static != "" {
+				s.DeployFile(static, 0o755)
+				return
+			}
+			s.Version = itest.NextVersion(s.Version)
+			s.Deploy(s.Version)
+		},
+		skipped: func(l itest.Line, old int) bool {
+			return l.PID() == old && (l.Msg() == "upgrade failed" || l.Msg() == "upgrade ignored")
+		},
+		queued: func(l itest.Line, old int) bool { return l.PID() == old && l.Msg() == "upgrade queued" },
+	}
+	return &spPrepared{t: t, rss: rss, after: func(ups []spUpgrade) *spRun {
+		res, _ := load.Stop()
+		rss.stop()
+		s.Proc.Kill()
+		return spHandoffRun(ev, o, name, s, ups, res, rss, load0)
+	}}
+}
+
+// spHandoffRun makes the run of handoff serve's upgrades: its stages.
+func spHandoffRun(ev *spEvents, o spHandoffOpts, name string, s *itest.Server, ups []spUpgrade, res *loadgen.Result, rss *spRSS, load0 string) *spRun {
+
+	logAt := func(msg string, pid func(spUpgrade) int) func(spUpgrade) int64 {
+		return func(u spUpgrade) int64 {
+			l, _, ok := s.Logs.First(u.mark, msg, itest.PIDIs(pid(u)))
+			if !ok {
+				return 0
+			}
+			return spLogTime(l)
+		}
+	}
+	old := func(u spUpgrade) int { return u.old }
+	nw := func(u spUpgrade) int { return u.new }
+	// With inittrace, the new generation's runtime writes a line per package
+	// init to its stderr (the old one's, through the attempt's pipe), ahead
+	// of its "started" line: their end, from the start of its runtime, and
+	// the exec -> runtime start of the version runs, place the end of the
+	// package inits.
+	initsEnd := func(u spUpgrade) int64 {
+		ex := ev.first(spExec, u.new, u.hup)
+		_, until, ok := s.Logs.First(u.mark, "started by previous generation", itest.PIDIs(u.new))
+		if o.inittrace == nil || ex == 0 || !ok {
+			return 0
+		}
+		lines, idx := s.Logs.Find(u.mark, "", func(l itest.Line) bool { return strings.HasPrefix(l.Raw, "init ") })
+		end := 0.0
+		for i, l := range lines {
+			if at, ms, ok := spInitLine(l.Raw); ok && idx[i] < until {
+				end = max(end, at+ms)
+			}
+		}
+		if end == 0 {
+			return 0
+		}
+		return ex + int64((o.inittrace.toRuntime+end)*1e6)
+	}
+	stages := []spStage{
+		{"old: \"upgrade requested\" (signal delivered, run loop)", logAt("upgrade requested", old)},
+		{"old: \"starting new generation\" (binary checked, channels)", logAt("starting new generation", old)},
+		{"kernel: fork of the new PID", ev.forkOf()},
+		{"kernel: exec of the new PID done", ev.execOf()},
+	}
+	if o.inittrace != nil {
+		stages = append(stages, spStage{"new: package inits end (~: inittrace + exec->runtime of version)", initsEnd})
+	}
+	r := &spRun{name: name, ups: ups, stages: append(stages, []spStage{
+		{"new: \"started by previous generation\" (runtime, main, New)", logAt("started by previous generation", nw)},
+		{"new: \"listening\" (inherited listener)", logAt("listening", nw)},
+		{"first answer from the new PID (poller)", func(u spUpgrade) int64 { return u.poll.at }},
+		{"new: \"ready\" (PID file, report, tableflip Ready, notify)", logAt("ready", nw)},
+		{"old: \"upgrade succeeded\" (ready pipe, report read)", logAt("upgrade succeeded", old)},
+		{"old: \"draining\" (closes its listener next)", logAt("draining", old)},
+		{"old: \"drained\"", logAt("drained", old)},
+		{"kernel: exit of the old PID", ev.exitOf()},
+	}...)}
+	r.finish(res, rss)
+	r.loadAvg = [2]string{load0, spLoadAvg()}
+	return r
+}
+
+// spHandoffOpts vary spRunHandoff.
+type spHandoffOpts struct {
+	upgrades  int
+	rate      int      // of the load; 0: spRate
+	static    string   // every new generation is this binary (a CGO_ENABLED=0 build)
+	inittrace *spExecs // run with GODEBUG=inittrace=1; the version runs' figures
+}
+
+// spInitLine parses a GODEBUG=inittrace=1 line, "init PKG @AT ms, MS ms
+// clock, B bytes, A allocs": when the init began since the runtime started,
+// and how long it took.
+func spInitLine(line string) (at, ms float64, ok bool) {
+	f := strings.Fields(line)
+	if len(f) < 7 || f[0] != "init" || f[6] != "clock," || !strings.HasPrefix(f[2], "@") {
+		return 0, 0, false
+	}
+	at, err1 := strconv.ParseFloat(f[2][1:], 64)
+	ms, err2 := strconv.ParseFloat(f[4], 64)
+	return at, ms, err1 == nil && err2 == nil
+}
+
+// spRunTableflip runs tableflip's documented example (internal/tfexample)
+// through spUpgrades reloads.
+func spRunTableflip(b *testing.B, ev *spEvents) *spRun {
+	b.Helper()
+	p := spStartTableflip(b, ev, spRate)
+	return p.after(spUpgradeLoop(b, p.t, spUpgrades, p.rss))
+}
+
+// spStartTableflip builds and starts tableflip's example and its load (rate
+// req/s) for spRunTableflip.
+func spStartTableflip(b *testing.B, ev *spEvents, rate int) *spPrepared {
+	b.Helper()
+	root, err := itest.ModuleRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	load0 := spLoadAvg()
+	dir := b.TempDir()
+	built := filepath.Join(dir, "tfexample.built")
+	if out, err := spGo(root, nil, "build", "-o", built, "./internal/tfexample"); err != nil {
+		b.Fatalf("building internal/tfexample: %v\n%s", err, out)
+	}
+	live := filepath.Join(dir, "tfexample")
+	itest.CopyFile(b, built, live, 0o755)
+	addr := spFreeAddr(b)
+	pidFile := filepath.Join(dir, "tfexample.pid")
+	cmd := exec.Command(live, "-listen", addr, "-pid-file", pidFile)
+	cmd.Dir = dir
+	cmd.Env = itest.CleanEnv(nil)
+	p := itest.StartCmd(b, cmd)
+	itest.Eventually(b, 10*time.Second, func() bool {
+		pid, err := itest.ReadPIDFile(pidFile)
+		if err != nil || pid != p.PID {
+			return false
+		}
+		r, err := itest.Get(addr, "/")
+		return err == nil && r.PID == p.PID
+	}, "tableflip example %d to serve on %s", p.PID, addr)
+	rss := spSampleRSS(b, p.PID)
+	load := itest.StartLoad(b, addr, rate, spLoadArgs()...)
+	t := spTarget{
+		addr: addr, pidFile: pidFile, logs: p.Logs,
+		deploy: func() {
+			tmp := live + ".new"
+			itest.CopyFile(b, built, tmp, 0o755)
+			if err := os.Rename(tmp, live); err != nil {
+				b.Fatal(err)
+			}
+		},
+		skipped: func(l itest.Line, old int) bool {
+			return strings.HasPrefix(l.Raw, strconv.Itoa(old)+" ") && strings.Contains(l.Raw, "Upgrade failed")
+		},
+		queued: func(itest.Line, int) bool { return false },
+	}
+	return &spPrepared{t: t, rss: rss, after: func(ups []spUpgrade) *spRun {
+		res, _ := load.Stop()
+		rss.stop()
+		p.Kill()
+		return spTableflipRun(ev, p, ups, res, rss, load0)
+	}}
+}
+
+// spTableflipRun makes the run of the example's reloads: its stages.
+func spTableflipRun(ev *spEvents, p *itest.Proc, ups []spUpgrade, res *loadgen.Result, rss *spRSS, load0 string) *spRun {
+
+	// Its log lines: "PID 2006/01/02 15:04:05.000000 msg".
+	logAt := func(msg string, pid func(spUpgrade) int) func(spUpgrade) int64 {
+		return func(u spUpgrade) int64 {
+			prefix := strconv.Itoa(pid(u)) + " "
+			l, _, ok := p.Logs.First(u.mark, "", func(l itest.Line) bool {
+				return strings.HasPrefix(l.Raw, prefix) && strings.HasSuffix(l.Raw, " "+msg)
+			})
+			if !ok {
+				return 0
+			}
+			f := strings.Fields(l.Raw)
+			if len(f) < 3 {
+				return 0
+			}
+			tm, err := time.ParseInLocation("2006/01/02 15:04:05.000000", f[1]+" "+f[2], time.Local)
+			if err != nil {
+				return 0
+			}
+			return tm.UnixNano()
+		}
+	}
+	r := &spRun{name: "tableflip's documented example", ups: ups, stages: []spStage{
+		{"kernel: fork of the new PID", ev.forkOf()},
+		{"kernel: exec of the new PID done", ev.execOf()},
+		{"first answer from the new PID (poller)", func(u spUpgrade) int64 { return u.poll.at }},
+		{"new: \"ready\" (logged before Ready: PID file, ready pipe)", logAt("ready", func(u spUpgrade) int { return u.new })},
+		{"kernel: exit of the old PID (after http.Server.Shutdown)", ev.exitOf()},
+	}}
+	r.finish(res, rss)
+	r.loadAvg = [2]string{load0, spLoadAvg()}
+	return r
+}
+
+// spLogTime is a JSON log line's time field, unix ns (0 when it has none).
+func spLogTime(l itest.Line) int64 {
+	t, err := time.Parse(time.RFC3339Nano, l.Str("time"))
+	if err != nil {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+// spFreeAddr returns 127.0.0.1:PORT with a port that was free a moment ago.
+func spFreeAddr(b *testing.B) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// spGo runs the go command in dir with env added to the test's environment.
+func spGo(dir string, env []string, args ...string) ([]byte, error) {
+	cmd := exec.Command("go", args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	return cmd.CombinedOutput()
+}
+
+// spBuildStatic builds handoff with CGO_ENABLED=0 (a static binary, no ld.so,
+// no libc) and returns its path, or "" when the build fails.
+func spBuildStatic(b *testing.B) string {
+	root, err := itest.ModuleRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	out := filepath.Join(b.TempDir(), "handoff-static")
+	if msg, err := spGo(root, []string{"CGO_ENABLED=0"}, "build", "-ldflags", "-X main.version=static", "-o", out, "."); err != nil {
+		b.Logf("CGO_ENABLED=0 build failed, its rows are left out: %v\n%s", err, msg)
+		return ""
+	}
+	return out
+}
+
+// ---------------------------------------------------------------------------
+// The poller.
+
+// spPollResult is the first answer the poller got from a PID other than the old one.
+type spPollResult struct {
+	pid   int   // 0: none came
+	at    int64 // unix ns when that answer was complete
+	polls int   // requests sent
+	errs  int   // requests that failed
+}
+
+// spPollGap is the pause between two polls: enough for the poller not to
+// take a whole CPU from the processes it watches (two here), short against
+// the stages it times.
+const spPollGap = 200 * time.Microsecond
+
+// spPollNew sends GET / on a new connection (Connection: close), again and
+// again, spPollGap apart, until a process other than old answers or stop is
+// closed.
+func spPollNew(addr string, old int, stop <-chan struct{}) spPollResult {
+	var r spPollResult
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return r
+		default:
+		}
+		if i > 0 {
+			time.Sleep(spPollGap)
+		}
+		pid, err := spGetPID(addr)
+		r.polls++
+		if err != nil {
+			r.errs++
+			continue
+		}
+		if pid != old && pid != 0 {
+			r.pid, r.at = pid, time.Now().UnixNano()
+			return r
+		}
+	}
+}
+
+// spGetPID sends GET / on a new connection and returns the Handoff-Pid of the answer.
+func spGetPID(addr string) (int, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"); err != nil {
+		return 0, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return 0, err
+	}
+	if resp.StatusCode != 200 {
+		return 0, fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return strconv.Atoi(resp.Header.Get("Handoff-Pid"))
+}
+
+// ---------------------------------------------------------------------------
+// Peak RSS.
+
+// spRSS samples the peak RSS (VmHWM) of a set of processes every 10 ms until
+// each has exited; a process's peak is then its last sample.
+type spRSS struct {
+	mu    sync.Mutex
+	pids  map[int]bool // sampled still
+	kib   map[int]int64
+	stopC chan struct{}
+	done  chan struct{}
+	stop  func()
+}
+
+func spSampleRSS(tb testing.TB, pids ...int) *spRSS {
+	r := &spRSS{pids: map[int]bool{}, kib: map[int]int64{}, stopC: make(chan struct{}), done: make(chan struct{})}
+	for _, p := range pids {
+		r.add(p)
+	}
+	go func() {
+		defer close(r.done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			r.mu.Lock()
+			ps := make([]int, 0, len(r.pids))
+			for p := range r.pids {
+				ps = append(ps, p)
+			}
+			r.mu.Unlock()
+			for _, p := range ps {
+				kib, ok := itest.VmHWM(p)
+				r.mu.Lock()
+				if ok {
+					r.kib[p] = max(r.kib[p], kib)
+				} else {
+					delete(r.pids, p) // gone (or a zombie: no VmHWM)
+				}
+				r.mu.Unlock()
+			}
+			select {
+			case <-r.stopC:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	r.stop = sync.OnceFunc(func() { close(r.stopC); <-r.done })
+	tb.Cleanup(r.stop)
+	return r
+}
+
+func (r *spRSS) add(pid int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, seen := r.kib[pid]; !seen {
+		r.pids[pid] = true
+		r.kib[pid] = 0
+	}
+}
+
+// peaks returns the peak of every process sampled at least once (KiB).
+func (r *spRSS) peaks() map[int]int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[int]int64{}
+	for p, k := range r.kib {
+		if k > 0 {
+			out[p] = k
+		}
+	}
+	return out
+}
+
+// ---------------------------------------------------------------------------
+// The kernel's process connector.
+
+// spEvents records the fork, exec and exit of every process, stamped by the
+// kernel (CLOCK_MONOTONIC, converted to unix ns), from the process connector.
+// A nil *spEvents knows nothing.
+type spEvents struct {
+	fd     int
+	offset int64 // CLOCK_REALTIME - CLOCK_MONOTONIC
+	stopC  chan struct{}
+	done   chan struct{}
+
+	mu     sync.Mutex
+	forks  map[int][]int64 // by the new process's PID
+	execs  map[int][]int64
+	exits  map[int][]int64 // thread group leaders only
+	nobufs int             // receive overflows: events lost
+}
+
+// Process connector constants (linux/connector.h, linux/cn_proc.h).
+const (
+	cnIdxProc         = 1
+	cnValProc         = 1
+	procCnMcastListen = 1
+	procEventFork     = 0x00000001
+	procEventExec     = 0x00000002
+	procEventExit     = 0x80000000
+)
+
+func spListenEvents(tb testing.TB) (*spEvents, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_CONNECTOR)
+	if err != nil {
+		return nil, fmt.Errorf("netlink connector socket: %w", err)
+	}
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 16<<20)
+	tv := unix.NsecToTimeval(int64(50 * time.Millisecond))
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: cnIdxProc}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("bind netlink connector: %w", err)
+	}
+	// nlmsghdr (16) + cn_msg (20) + enum proc_cn_mcast_op (4)
+	msg := make([]byte, 40)
+	ne := binary.NativeEndian
+	ne.PutUint32(msg[0:], uint32(len(msg)))
+	ne.PutUint16(msg[4:], unix.NLMSG_DONE)
+	ne.PutUint32(msg[16:], cnIdxProc)
+	ne.PutUint32(msg[20:], cnValProc)
+	ne.PutUint16(msg[32:], 4)
+	ne.PutUint32(msg[36:], procCnMcastListen)
+	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("subscribe to process events: %w", err)
+	}
+	e := &spEvents{fd: fd, offset: spClockOffset(), stopC: make(chan struct{}), done: make(chan struct{}),
+		forks: map[int][]int64{}, execs: map[int][]int64{}, exits: map[int][]int64{}}
+	go e.read()
+	tb.Cleanup(func() {
+		close(e.stopC)
+		<-e.done
+		unix.Close(e.fd)
+	})
+	return e, nil
+}
+
+// spClockOffset is CLOCK_REALTIME - CLOCK_MONOTONIC, from the closest of a
+// few readings.
+func spClockOffset() int64 {
+	best, off := int64(1<<62), int64(0)
+	for range 20 {
+		var r1, m, r2 unix.Timespec
+		unix.ClockGettime(unix.CLOCK_REALTIME, &r1)
+		unix.ClockGettime(unix.CLOCK_MONOTONIC, &m)
+		unix.ClockGettime(unix.CLOCK_REALTIME, &r2)
+		if d := r2.Nano() - r1.Nano(); d < best {
+			best, off = d, (r1.Nano()+r2.Nano())/2-m.Nano()
+		}
+	}
+	return off
+}
+
+func (e *spEvents) read() {
+	defer close(e.done)
+	buf := make([]byte, 64<<10)
+	for {
+		select {
+		case <-e.stopC:
+			return
+		default:
+		}
+		n, _, err := unix.Recvfrom(e.fd, buf, 0)
+		if err != nil {
+			if err == unix.ENOBUFS {
+				e.mu.Lock()
+				e.nobufs++
+				e.mu.Unlock()
+			}
+			continue // EAGAIN: the receive timeout, to look at stopC
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			continue
+		}
+		for _, m := range msgs {
+			e.parse(m.Data)
+		}
+	}
+}
+
+// parse records one cn_msg holding a struct proc_event.
+func (e *spEvents) parse(d []byte) {
+	const cnMsg = 20
+	if len(d) < cnMsg+16+8 {
+		return
+	}
+	ne := binary.NativeEndian
+	ev := d[cnMsg:]
+	what := ne.Uint32(ev[0:])
+	ts := int64(ne.Uint64(ev[8:])) + e.offset
+	data := ev[16:]
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	switch what {
+	case procEventFork:
+		if len(data) < 16 {
+			return
+		}
+		child, childTgid := int(ne.Uint32(data[8:])), int(ne.Uint32(data[12:]))
+		if child == childTgid { // a process, not a thread
+			e.forks[child] = append(e.forks[child], ts)
+		}
+	case procEventExec:
+		tgid := int(ne.Uint32(data[4:]))
+		e.execs[tgid] = append(e.execs[tgid], ts)
+	case procEventExit:
+		pid, tgid := int(ne.Uint32(data[0:])), int(ne.Uint32(data[4:]))
+		if pid == tgid {
+			e.exits[tgid] = append(e.exits[tgid], ts)
+		}
+	}
+}
+
+// The kinds of events.
+const (
+	spFork = iota
+	spExec
+	spExit
+)
+
+// first returns the first time of an event of kind for pid at or after since
+// (0: none).
+func (e *spEvents) first(kind, pid int, since int64) int64 {
+	if e == nil {
+		return 0
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m := map[int]map[int][]int64{spFork: e.forks, spExec: e.execs, spExit: e.exits}[kind]
+	for _, t := range m[pid] {
+		if t >= since {
+			return t
+		}
+	}
+	return 0
+}
+
+func (e *spEvents) forkOf() func(spUpgrade) int64 {
+	return func(u spUpgrade) int64 { return e.first(spFork, u.new, u.hup) }
+}
+
+func (e *spEvents) execOf() func(spUpgrade) int64 {
+	return func(u spUpgrade) int64 { return e.first(spExec, u.new, u.hup) }
+}
+
+func (e *spEvents) exitOf() func(spUpgrade) int64 {
+	return func(u spUpgrade) int64 { return e.first(spExit, u.old, u.hup) }
+}
+
+// ---------------------------------------------------------------------------
+// The exec of the binaries alone.
+
+// spExecs is what spExecBaseline measured.
+type spExecs struct {
+	rows    []spExecRow
+	initMs  []float64 // GODEBUG=inittrace=1: sum of the package inits of handoff version
+	initEnd []float64 // the same: when the last package init ended, since the runtime started
+	rest    []float64 // exec -> exit of those runs, less initEnd: before the runtime starts, main, exit
+	// toRuntime is the median of rest: about how long an exec'd handoff
+	// takes to start its runtime (plus a version's main and exit).
+	toRuntime float64
+	initTop   string
+	pkgs      int // how many packages have an init
+}
+
+type spExecRow struct {
+	name                     string
+	wall, forkExec, execExit []float64 // ms
+}
+
+// spExecBaseline execs /bin/true, handoff version (the build the upgrades
+// use, with cgo) and, when static is set, its CGO_ENABLED=0 build, 30 times
+// each: wall time of cmd.Run, and with the process connector fork -> exec
+// done and exec done -> exit.
+func spExecBaseline(b *testing.B, ev *spEvents, static string) *spExecs {
+	const n = 30
+	x := &spExecs{}
+	cands := []struct{ name, path string }{{"/bin/true", "/bin/true"}, {"handoff version (cgo, as the upgrades run it)", itest.Binary(b, "handoff-v1")}}
+	if static != "" {
+		cands = append(cands, struct{ name, path string }{"handoff version (CGO_ENABLED=0)", static})
+	}
+	for _, c := range cands {
+		row := spExecRow{name: c.name}
+		for range n {
+			cmd := exec.Command(c.path, "version")
+			start := time.Now().UnixNano()
+			if err := cmd.Run(); err != nil {
+				b.Fatalf("%s: %v", c.path, err)
+			}
+			end := time.Now().UnixNano()
+			row.wall = append(row.wall, float64(end-start)/1e6)
+			pid := cmd.Process.Pid
+			time.Sleep(2 * time.Millisecond) // the connector's events, delivered asynchronously
+			fk, ex, xt := ev.first(spFork, pid, start), ev.first(spExec, pid, start), ev.first(spExit, pid, start)
+			if fk != 0 && ex != 0 && xt != 0 {
+				row.forkExec = append(row.forkExec, float64(ex-fk)/1e6)
+				row.execExit = append(row.execExit, float64(xt-ex)/1e6)
+			}
+		}
+		x.rows = append(x.rows, row)
+	}
+	// Package init of handoff, from the runtime's own trace; with the
+	// connector, exec -> exit of the same runs less the end of the inits is
+	// what the runtime needs before it starts (ld.so with cgo) and after
+	// (main, exit).
+	type pkg struct {
+		name string
+		ms   float64
+	}
+	var tops []pkg
+	for range 10 {
+		cmd := exec.Command(itest.Binary(b, "handoff-v1"), "version")
+		cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
+		start := time.Now().UnixNano()
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			b.Fatalf("inittrace: %v", err)
+		}
+		sum, end := 0.0, 0.0
+		var ps []pkg
+		for line := range strings.SplitSeq(string(out), "\n") {
+			if at, ms, ok := spInitLine(line); ok {
+				sum += ms
+				end = max(end, at+ms)
+				ps = append(ps, pkg{strings.Fields(line)[1], ms})
+			}
+		}
+		x.pkgs = len(ps)
+		x.initMs = append(x.initMs, sum)
+		x.initEnd = append(x.initEnd, end)
+		time.Sleep(2 * time.Millisecond)
+		pid := cmd.Process.Pid
+		if ex, xt := ev.first(spExec, pid, start), ev.first(spExit, pid, start); ex != 0 && xt != 0 {
+			x.rest = append(x.rest, float64(xt-ex)/1e6-end)
+		}
+		if len(x.initMs) == 1 || sum <= slices.Min(x.initMs) {
+			tops = ps
+		}
+	}
+	x.toRuntime = percentile(x.rest, 50)
+	slices.SortFunc(tops, func(a, b pkg) int {
+		switch {
+		case a.ms > b.ms:
+			return -1
+		case a.ms < b.ms:
+			return 1
+		}
+		return 0
+	})
+	var top []string
+	for _, p := range tops[:min(4, len(tops))] {
+		top = append(top, fmt.Sprintf("%s %.3f", p.name, p.ms))
+	}
+	x.initTop = strings.Join(top, ", ")
+	return x
+}
+
+func (x *spExecs) write(t *strings.Builder) {
+	fmt.Fprintf(t, "exec of the binary alone, 30 runs, ms median (min): wall of cmd.Run | kernel fork -> exec done | exec done -> exit (runtime + package init, main, exit)\n")
+	for _, r := range x.rows {
+		fmt.Fprintf(t, "  %-46s %6.2f (%5.2f) | %6s | %6s\n", r.name, percentile(r.wall, 50), slices.Min(r.wall), spMedMin(r.forkExec), spMedMin(r.execExit))
+	}
+	fmt.Fprintf(t, "  package inits of handoff (GODEBUG=inittrace=1, %d packages): median %.2f ms in all, the last ending %.2f ms after the runtime started; exec -> exit less that: %.2f ms; largest inits in the quickest run: %s\n",
+		x.pkgs, percentile(x.initMs, 50), percentile(x.initEnd, 50), x.toRuntime, x.initTop)
+}
+
+func spMedMin(xs []float64) string {
+	if len(xs) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f (%.2f)", percentile(xs, 50), slices.Min(xs))
+}
+
+// ---------------------------------------------------------------------------
+// 10,000 connections.
+
+// BenchmarkUpgradeTenThousandConns: 10,000 idle keep-alive connections to
+// handoff serve (each sent one request first) and a load of 1000 req/s of
+// fast requests; one upgrade. It reports the failed requests, the p99 of the
+// fast requests in the second after the SIGHUP against the two seconds
+// before, the old process's CPU time from the SIGHUP and during its drain,
+// the connections moved and how long the drain took, and the peak RSS of
+// both generations; then it sends one request on every idle connection.
+func BenchmarkUpgradeTenThousandConns(b *testing.B) {
+	const conns, rate = 10_000, 1000
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		b.Fatal(err)
+	}
+	if lim.Max < conns+1000 {
+		b.Skipf("RLIMIT_NOFILE hard limit %d: below the %d descriptors needed", lim.Max, conns+1000)
+	}
+	lim.Cur = lim.Max // the server and the load tool inherit it
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		b.Fatal(err)
+	}
+	ev, _ := spListenEvents(b)
+	s := itest.StartServer(b, itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "30s"})
+	p1 := s.LivePID()
+	rss := spSampleRSS(b, p1)
+
+	// The idle connections.
+	openStart := time.Now()
+	cs := make([]*spConn, conns)
+	errs := make([]error, conns)
+	sem := make(chan struct{}, 200) // within the listen backlog
+	var wg sync.WaitGroup
+	for i := range cs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := spDial(s.Addr)
+			if err == nil {
+				var pid int
+				pid, _, err = c.get()
+				if err == nil && pid != p1 {
+					err = fmt.Errorf("answered by %d, want %d", pid, p1)
+				}
+			}
+			cs[i], errs[i] = c, err
+		})
+	}
+	wg.Wait()
+	b.Cleanup(func() {
+		for _, c := range cs {
+			if c != nil {
+				c.c.Close()
+			}
+		}
+	})
+	for i, err := range errs {
+		if err != nil {
+			b.Fatalf("opening idle connection %d of %d: %v", i, conns, err)
+		}
+	}
+	opened := time.Since(openStart)
+
+	load := itest.StartLoad(b, s.Addr, rate, "--conns", "16", "--new-conn-fraction", "0.3", "--samples")
+	cpu := spSampleCPU(b, p1)
+	time.Sleep(3 * time.Second) // steady state
+	b.ResetTimer()
+
+	mark := s.Logs.Mark()
+	stop := make(chan struct{})
+	pollC := make(chan spPollResult, 1)
+	go func() { pollC <- spPollNew(s.Addr, p1, stop) }()
+	cpuBefore := spCPUns(p1)
+	hup := time.Now().UnixNano()
+	s.Signal(p1, syscall.SIGHUP)
+	var poll spPollResult
+	select {
+	case poll = <-pollC:
+	case <-time.After(30 * time.Second):
+		close(stop)
+		b.Fatalf("no answer from a new PID 30s after SIGHUP")
+	}
+	p2 := poll.pid
+	rss.add(p2)
+	fds := spSampleFDs(b, p2)
+	s.WaitGone(p1, 60*time.Second)
+	gone := time.Now().UnixNano()
+	// The moved descriptors may still be in flight (queued on the moves
+	// channel) when the old generation exits: the new one logs their count
+	// once it has read them all.
+	received := s.Logs.Wait(b, mark, "connections moved from the previous generation", itest.PIDIs(p2), 30*time.Second)
+	cpuNew := spCPUns(p2) // all of the new generation's CPU so far: its start and the moved connections
+	fds.stop()
+	// At least a second of load after the SIGHUP, and some after the old one's exit.
+	time.Sleep(max(time.Duration(hup+int64(1500*time.Millisecond)-time.Now().UnixNano()), 500*time.Millisecond))
+	b.StopTimer()
+	res, _ := load.Stop()
+	cpu.stop()
+
+	// One request on every idle connection: the new generation answers the moved ones.
+	var byNew, byOther, failed int
+	var firstFail error
+	var mu sync.Mutex
+	askStart := time.Now()
+	for _, c := range cs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			pid, _, err := c.get()
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				failed++
+				if firstFail == nil {
+					firstFail = err
+				}
+			case pid == p2:
+				byNew++
+			default:
+				byOther++
+			}
+		})
+	}
+	wg.Wait()
+	asked := time.Since(askStart)
+	rss.stop()
+
+	// The old generation is our child: its rusage is exact.
+	<-s.Proc.Exited()
+	var userSys time.Duration
+	var maxrss int64
+	if ru, ok := s.Proc.Cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		userSys = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		maxrss = ru.Maxrss
+	}
+	d, _, ok := s.Logs.First(mark, "drained", itest.PIDIs(p1))
+	if !ok {
+		b.Fatalf("the old generation %d logged no drained line", p1)
+	}
+	dr, _, _ := s.Logs.First(mark, "draining", itest.PIDIs(p1))
+	moved, _ := d.Num("moved")
+	dur, _ := d.Num("duration")
+	cut, _ := d.Num("cut")
+	closedIdle, _ := d.Num("closed_idle")
+	drainingAt := spLogTime(dr)
+	cpuAtDrain := cpu.at(drainingAt)
+	exitAt := ev.first(spExit, p1, hup)
+	if exitAt == 0 {
+		exitAt = gone
+	}
+
+	// Latency of the fast requests: the 2 s before the SIGHUP, the second after.
+	var before, after, afterOld, afterNew []float64
+	slowFrom, slowTo, slowN := int64(-1), int64(-1), 0 // sent in the second after, above 50 ms
+	for _, smp := range res.Samples {
+		if !smp.OK {
+			continue
+		}
+		ms := float64(smp.LatencyUS) / 1000
+		switch {
+		case smp.Start >= hup-int64(2*time.Second) && smp.Start < hup:
+			before = append(before, ms)
+		case smp.Start >= hup && smp.Start < hup+int64(time.Second):
+			after = append(after, ms)
+			if smp.PID == p1 {
+				afterOld = append(afterOld, ms)
+			} else {
+				afterNew = append(afterNew, ms)
+			}
+			if ms > 50 {
+				slowN++
+				if slowFrom < 0 {
+					slowFrom = smp.Start - hup
+				}
+				slowTo = smp.Start - hup
+			}
+		}
+	}
+	p99b, p99a := percentile(before, 99), percentile(after, 99)
+	ratio := 0.0
+	if p99b > 0 {
+		ratio = p99a / p99b
+	}
+	peaks := rss.peaks()
+	b.ReportMetric(float64(res.Failed), "failed")
+	b.ReportMetric(p99b, "p99-before-ms")
+	b.ReportMetric(p99a, "p99-after-ms")
+	b.ReportMetric(ratio, "p99-ratio")
+	b.ReportMetric(float64(moved), "moved")
+	b.ReportMetric(float64(dur)/1e6, "drain-ms")
+	b.ReportMetric(float64(spLogTime(received)-drainingAt)/1e6, "move-ms")
+	b.ReportMetric(float64(userSys-time.Duration(cpuBefore))/1e6, "old-cpu-from-hup-ms")
+	b.ReportMetric(float64(poll.at-hup)/1e6, "handoff-ms")
+	b.ReportMetric(float64(peaks[p1])/1024, "rss-old-MiB")
+	b.ReportMetric(float64(peaks[p2])/1024, "rss-new-MiB")
+
+	var t strings.Builder
+	fmt.Fprintf(&t, "%d idle keep-alive connections opened in %v; load %d req/s (30%% on new connections): %d requests, %d failed %v\n",
+		conns, opened.Round(time.Millisecond), rate, res.Requests, res.Failed, res.Failures)
+	fmt.Fprintf(&t, "fast requests p99: %.2f ms in the 2 s before the SIGHUP (%d), %.2f ms in the second after (%d): ratio %.2f; max after %.2f ms\n",
+		p99b, len(before), p99a, len(after), ratio, maxOf(after))
+	fmt.Fprintf(&t, "  in the second after: answered by the old pid %d p99 %.2f, by the new %d p99 %.2f; %d above 50 ms, sent %.0f..%.0f ms after the SIGHUP\n",
+		len(afterOld), percentile(afterOld, 99), len(afterNew), percentile(afterNew, 99), slowN, float64(slowFrom)/1e6, float64(slowTo)/1e6)
+	fmt.Fprintf(&t, "SIGHUP -> first answer from new pid %d: %.2f ms (poller, %d polls); -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
+		p2, float64(poll.at-hup)/1e6, poll.polls, float64(drainingAt-hup)/1e6, float64(spLogTime(d)-hup)/1e6, float64(exitAt-hup)/1e6)
+	var newStages []string
+	for _, msg := range []string{"started by previous generation", "listening", "ready"} {
+		if l, _, ok := s.Logs.First(mark, msg, itest.PIDIs(p2)); ok {
+			newStages = append(newStages, fmt.Sprintf("%q %.2f", msg, float64(spLogTime(l)-hup)/1e6))
+		}
+	}
+	fmt.Fprintf(&t, "  new generation, ms after the SIGHUP: %s\n", strings.Join(newStages, ", "))
+	fmt.Fprintf(&t, "old generation's drain: %.1f ms (drained line), moved %d, closed idle %d, cut %d; %s\n",
+		float64(dur)/1e6, moved, closedIdle, cut, fds.summary(drainingAt, int(moved)))
+	recvCount, _ := received.Num("count")
+	fmt.Fprintf(&t, "new generation: \"connections moved from the previous generation\" count=%d %.1f ms after the old one's \"draining\"; its CPU then %.1f ms (its start and the connections it took)\n",
+		recvCount, float64(spLogTime(received)-drainingAt)/1e6, float64(cpuNew)/1e6)
+	fmt.Fprintf(&t, "old generation's CPU (utime+stime, rusage): %.1f ms in its life, %.1f ms from the SIGHUP to its exit, of which %s during the drain (per-thread schedstat at \"draining\")\n",
+		float64(userSys)/1e6, float64(userSys-time.Duration(cpuBefore))/1e6, spMsOr(userSys, cpuAtDrain))
+	fmt.Fprintf(&t, "peak RSS: old %.1f MiB (rusage maxrss %.1f), new %.1f MiB\n", float64(peaks[p1])/1024, float64(maxrss)/1024, float64(peaks[p2])/1024)
+	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the new generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
+	if firstFail != nil {
+		fmt.Fprintf(&t, " (first: %v)", firstFail)
+	}
+	b.Log(t.String())
+	if res.Failed > 0 {
+		b.Logf("first failures:\n%s", strings.Join(res.Errors, "\n"))
+	}
+}
+
+func spMsOr(total time.Duration, atDrain int64) string {
+	if atDrain <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f ms", float64(int64(total)-atDrain)/1e6)
+}
+
+// spConn is a keep-alive connection that sends requests by hand: no retries.
+type spConn struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func spDial(addr string) (*spConn, error) {
+	c, err := net.DialTimeout("tcp", addr, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return &spConn{c: c, br: bufio.NewReaderSize(c, 1024)}, nil
+}
+
+// get sends GET / and reads the answer: its Handoff-Pid and whether it said
+// Connection: close.
+func (k *spConn) get() (pid int, closing bool, err error) {
+	k.c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(k.c, "GET / HTTP/1.1\r\nHost: bench\r\n\r\n"); err != nil {
+		return 0, false, err
+	}
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		return 0, false, err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return 0, false, err
+	}
+	pid, _ = strconv.Atoi(resp.Header.Get("Handoff-Pid"))
+	return pid, resp.Close, nil
+}
+
+// spFDs samples how many descriptors a process holds, every 10 ms.
+type spFDs struct {
+	mu      sync.Mutex
+	samples [][2]int64 // unix ns, descriptors
+	stop    func()
+}
+
+func spSampleFDs(tb testing.TB, pid int) *spFDs {
+	f := &spFDs{}
+	stopC, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if d, err := os.Open(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
+				names, _ := d.Readdirnames(-1)
+				d.Close()
+				f.mu.Lock()
+				f.samples = append(f.samples, [2]int64{time.Now().UnixNano(), int64(len(names))})
+				f.mu.Unlock()
+			}
+			select {
+			case <-stopC:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	f.stop = sync.OnceFunc(func() { close(stopC); <-done })
+	tb.Cleanup(f.stop)
+	return f
+}
+
+// summary says when the process held half and then all of the moved
+// descriptors more than it held at the first sample, since from.
+func (f *spFDs) summary(from int64, moved int) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.samples) == 0 || moved == 0 {
+		return "no descriptor samples of the new generation"
+	}
+	base := f.samples[0][1]
+	var peak int64
+	half, all := int64(-1), int64(-1)
+	for _, s := range f.samples {
+		peak = max(peak, s[1])
+		if half < 0 && s[1]-base >= int64(moved)/2 {
+			half = s[0]
+		}
+		if all < 0 && s[1]-base >= int64(moved)*99/100 {
+			all = s[0]
+		}
+	}
+	ms := func(t int64) string {
+		if t < 0 {
+			return "never"
+		}
+		return fmt.Sprintf("%.0f ms", float64(t-from)/1e6)
+	}
+	return fmt.Sprintf("the new generation's descriptors (sampled every 10 ms from its first answer, when it held %d): +half of the moved at %s after \"draining\", +99%% at %s, peak %d",
+		base, ms(half), ms(all), peak)
+}
+
+// spCPU samples a process's CPU time every 5 ms until it exits.
+type spCPU struct {
+	mu      sync.Mutex
+	samples [][2]int64 // unix ns, CPU ns
+	stop    func()
+}
+
+// spCPUns is the CPU time of pid so far, ns: the sum of its threads'
+// sum_exec_runtime (/proc/PID/task/*/schedstat); 0 when it is gone.
+func spCPUns(pid int) int64 {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0
+	}
+	var sum int64
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b))
+		if len(f) > 0 {
+			n, _ := strconv.ParseInt(f[0], 10, 64)
+			sum += n
+		}
+	}
+	return sum
+}
+
+func spSampleCPU(tb testing.TB, pid int) *spCPU {
+	c := &spCPU{}
+	stopC, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if n := spCPUns(pid); n > 0 {
+				c.mu.Lock()
+				c.samples = append(c.samples, [2]int64{time.Now().UnixNano(), n})
+				c.mu.Unlock()
+			}
+			select {
+			case <-stopC:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	c.stop = sync.OnceFunc(func() { close(stopC); <-done })
+	tb.Cleanup(c.stop)
+	return c
+}
+
+// at returns the last sample taken at or before t (0: none).
+func (c *spCPU) at(t int64) int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var v int64
+	for _, s := range c.samples {
+		if s[0] > t {
+			break
+		}
+		v = s[1]
+	}
+	return v
+}

@@ -36,6 +36,7 @@ type conn struct {
 	fromMove     bool                  // moved here from the previous generation (see SetReadDeadline)
 	http2At      time.Time             // when it became HTTP/2
 	toldAway     bool                  // sent GOAWAY
+	calledOff    atomic.Bool           // a move was called off from the drain's side
 	readDeadline time.Time             // the one net/http asked for
 }
 
@@ -91,8 +92,15 @@ func (c *conn) hasMoved() bool {
 }
 
 func (c *conn) setState(st http.ConnState) {
+	var now time.Time
+	if st == http.StateIdle || st == http.StateNew {
+		now = time.Now() // only waiting for a request is timed (closeIfQuiet)
+	}
 	c.mu.Lock()
-	c.st, c.since = st, time.Now()
+	c.st = st
+	if !now.IsZero() {
+		c.since = now
+	}
 	c.mu.Unlock()
 }
 

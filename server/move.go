@@ -1,7 +1,6 @@
 package server
 
 import (
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -103,6 +102,7 @@ func (c *conn) cancelSteal(st *steal) {
 	defer c.mu.Unlock()
 	if c.stealing.Load() == st && !c.offering {
 		c.stealing.Store(nil)
+		c.calledOff.Store(true) // its Read may still see the move's deadline
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
 }
@@ -123,7 +123,7 @@ func (c *conn) Read(b []byte) (int, error) {
 		}
 		st := c.stealState()
 		if st == nil {
-			if n == 0 && err != nil && isTimeout(err) && !c.deadlinePassed() {
+			if n == 0 && err != nil && c.calledOff.Load() && isTimeout(err) && !c.deadlinePassed() {
 				continue // the deadline of a move called off meanwhile, not net/http's
 			}
 			return n, err
@@ -226,9 +226,11 @@ func (c *conn) fd() int {
 	return fd
 }
 
+// isTimeout reports a deadline's error (net/http's reads give *net.OpError,
+// itself a net.Error: no unwrapping needed).
 func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
 }
 
 // moveIdle moves every connection waiting for a request to the next

@@ -152,8 +152,12 @@ func New(opts Options) (*Upgrader, error) {
 		if !filepath.IsAbs(opts.PIDFile) {
 			opts.PIDFile = filepath.Join(wd, opts.PIDFile)
 		}
-		if err := pidfile.CheckDir(opts.PIDFile); err != nil {
-			return nil, err
+		// Checked at first start; a new generation (tableflip's marker is set)
+		// finds out at Ready, off the critical path of the upgrade.
+		if os.Getenv(tableflipEnv) == "" {
+			if err := pidfile.CheckDir(opts.PIDFile); err != nil {
+				return nil, err
+			}
 		}
 	}
 

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -158,6 +160,23 @@ func TestUpgradeOutcomes(t *testing.T) {
 		assert.Equal(t, gate.Serving, st.Phase)
 		assert.Equal(t, "v-parent", st.Version)
 		assert.Equal(t, []control.ListenerInfo{{Network: "tcp", Addr: ln.Addr().String()}, {Network: "udp", Addr: pc.LocalAddr().String()}, {Network: "unix", Addr: ul.Addr().String()}}, st.Listeners)
+	})
+
+	t.Run("a failed listen keeps its errno", func(t *testing.T) {
+		busy, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer busy.Close()
+		_, err = u.Listen("tcp", busy.Addr().String())
+		assert.ErrorIs(t, err, syscall.EADDRINUSE)
+	})
+	t.Run("two listeners on the same address string, by name", func(t *testing.T) {
+		a, err := u.ListenAs("a", "tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer a.Close()
+		b, err := u.ListenAs("b", "tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer b.Close()
+		assert.NotEqual(t, a.Addr().String(), b.Addr().String())
 	})
 
 	binary := u.binary

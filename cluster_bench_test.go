@@ -10,8 +10,11 @@ package main_test
 // Load: 2000 req/s through the harness's load tool (80% on pooled keep-alive
 // connections, 20% on a fresh connection each, 2% /slow?ms=800), during 20
 // reloads done 1 s apart at most (handoff upgrade --wait; pm2 reload app), then
-// the crash of one child (SIGKILL). Reported for each: requests and failures,
-// reload time, the p99 of the fast requests (under 800 ms: the /slow ones take
+// the crash of one child (SIGKILL). Reported for each: requests and failures
+// (and among them the broken ones: refused, reset or closed connections and
+// bad statuses, apart from the load tool's own in-flight limit and timeouts,
+// which measure the host's capacity rather than the reloads), reload time, the
+// p99 of the fast requests (under 800 ms: the /slow ones take
 // that long by design) in the second after each reload started, the RSS of all
 // processes (VmRSS of the supervisor or daemon plus its children), and for the
 // crash: the time until the restarted child answers the load and the failures
@@ -83,19 +86,20 @@ func BenchmarkClusterVsPM2(b *testing.B) {
 	load1, _ := os.ReadFile("/proc/loadavg")
 	fmt.Fprintf(&t, "%d req/s (20%% fresh connections, 2%% /slow?ms=800), %d reloads 1 s apart at most, then kill -9 of one child; app %s; %d CPUs, load average %s\n",
 		cvpRate, cvpReloads, map[bool]string{true: "Express", false: "examples/node"}[express], runtime.NumCPU(), strings.Join(strings.Fields(string(load1))[:min(3, len(strings.Fields(string(load1))))], " "))
-	fmt.Fprintf(&t, "%-18s %8s %16s %-44s %9s %14s %16s %9s %18s %8s %9s %12s\n", "", "requests", "failed", "by kind", "reloads", "reload ms", "fast p99 ms 1 s", "fast p99", "RSS MiB idle/max", "sup RSS", "crash:", "crash: fail/")
-	fmt.Fprintf(&t, "%-18s %8s %16s %-44s %9s %14s %16s %9s %18s %8s %9s %12s\n", "", "", "", "", "ok/asked", "median/max", "after (worst)", "overall", "(sum of all)", "MiB", "serve ms", "conns killed")
+	const rowFmt = "%-17s %8s %17s %6s %-44s %9s %11s %15s %8s %14s %7s %8s %12s\n"
+	fmt.Fprintf(&t, rowFmt, "", "requests", "failed (%)", "broken", "failed by kind", "reloads", "reload ms", "fast p99 ms 1s", "fast p99", "RSS MiB, all", "sup RSS", "crash:", "crash: failed")
+	fmt.Fprintf(&t, rowFmt, "", "", "", "conns", "", "ok/asked", "median/max", "after (worst)", "overall", "idle/max", "MiB", "serve ms", "/conns killed")
 	for _, s := range sides {
 		serve := "-"
 		if s.crashServeMs >= 0 {
 			serve = fmt.Sprintf("%.0f", s.crashServeMs)
 		}
-		fmt.Fprintf(&t, "%-18s %8d %16s %-44s %9s %14s %16s %9.1f %18s %8.1f %9s %12s\n", s.name, s.res.Requests,
-			fmt.Sprintf("%d (%.3f%%)", s.res.Failed, s.failedPct()), s.kinds(),
+		fmt.Fprintf(&t, rowFmt, s.name, fmt.Sprint(s.res.Requests),
+			fmt.Sprintf("%d (%.2f%%)", s.res.Failed, s.failedPct()), fmt.Sprint(s.broken()), s.kinds(),
 			fmt.Sprintf("%d/%d", s.reloadsOK, len(s.reloadMs)),
 			fmt.Sprintf("%.0f/%.0f", cvpPercentile(s.reloadMs, 50), cvpMax(s.reloadMs)),
-			fmt.Sprintf("%.1f (%.1f)", s.afterP99, cvpMax(s.perReloadP99)), s.fastP99,
-			fmt.Sprintf("%.1f/%.1f", s.rssIdle, s.rssMax), s.rssSupervisor, serve,
+			fmt.Sprintf("%.1f (%.1f)", s.afterP99, cvpMax(s.perReloadP99)), fmt.Sprintf("%.1f", s.fastP99),
+			fmt.Sprintf("%.1f/%.1f", s.rssIdle, s.rssMax), fmt.Sprintf("%.1f", s.rssSupervisor), serve,
 			fmt.Sprintf("%d/%d", s.crashFailed, s.crashHeld))
 	}
 	for _, s := range sides {
@@ -131,6 +135,13 @@ func (s *cvpSide) failedPct() float64 {
 		return 0
 	}
 	return 100 * float64(s.res.Failed) / float64(s.res.Requests)
+}
+
+// broken counts the failures of a connection (dial, write, read: refused,
+// reset, closed) and bad statuses, leaving out the load tool's own limit
+// (overload: 2048 requests in flight) and timeouts, which measure capacity.
+func (s *cvpSide) broken() int64 {
+	return s.res.Failures["dial"] + s.res.Failures["write"] + s.res.Failures["read"] + s.res.Failures["status"]
 }
 
 func (s *cvpSide) kinds() string {
@@ -261,6 +272,7 @@ func cvpRun(b *testing.B, t *cvpTarget) *cvpSide {
 	m := func(v float64, unit string) { b.ReportMetric(v, t.metric+"-"+unit) }
 	m(float64(res.Requests), "requests")
 	m(float64(res.Failed), "failed")
+	m(float64(s.broken()), "broken-conns")
 	m(cvpPercentile(s.reloadMs, 50), "reload-median-ms")
 	m(s.afterP99, "after-reload-fast-p99-ms")
 	m(s.rssMax, "rss-max-MiB")

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -463,10 +464,17 @@ func TestFiftyUpgradesNoLeak(t *testing.T) {
 		// Count when the new generation is idle: no connection of ours is
 		// still open on its side (our /healthz requests use Connection: close).
 		itest.Eventually(t, 10*time.Second, func() bool { return itest.ServerConns(s.Port) == 0 }, "no open server-side connection")
-		list, err := itest.FDTargets(newPID)
-		if err != nil {
-			t.Fatalf("generation %d (pid %d): %v", i+1, newPID, err)
-		}
+		// And once tableflip has closed the pipe that told it its parent
+		// exited (it closes it just after saying so): poll, bounded.
+		var list []string
+		itest.Eventually(t, 10*time.Second, func() bool {
+			l, err := itest.FDTargets(newPID)
+			if err != nil {
+				t.Fatalf("generation %d (pid %d): %v", i+1, newPID, err)
+			}
+			list = l
+			return parentPipeClosed(l)
+		}, "the hand-off pipes closed")
 		samples = append(samples, sample{newPID, len(list), list})
 		if t.Failed() {
 			break
@@ -494,6 +502,30 @@ func TestFiftyUpgradesNoLeak(t *testing.T) {
 		}
 	}
 	s.CheckListener(t, g51.pid)
+}
+
+// parentPipeClosed reports whether the only pipes among a generation's
+// descriptors ("N -> pipe:[I]") are its stdout and stderr (fds 1 and 2, and
+// their copies) or inherited from the test runner (high numbers): tableflip's
+// hand-off pipes are closed.
+func parentPipeClosed(list []string) bool {
+	std := map[string]bool{}
+	for _, l := range list {
+		if fd, target, ok := strings.Cut(l, " -> "); ok && (fd == "1" || fd == "2") {
+			std[target] = true
+		}
+	}
+	for _, l := range list {
+		fd, target, ok := strings.Cut(l, " -> ")
+		if !ok || !strings.HasPrefix(target, "pipe:") || std[target] {
+			continue
+		}
+		if n, err := strconv.Atoi(fd); err == nil && n >= 100 {
+			continue
+		}
+		return false
+	}
+	return true
 }
 
 // CLI: exit codes and messages.

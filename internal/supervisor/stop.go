@@ -78,9 +78,8 @@ func (s *Supervisor) stopAll(cs set, refused []request) (err error) {
 			s.reaper.signal(c.pid, s.opts.StopSignal, false)
 		}
 	}
-	for _, c := range cs.draining {
-		s.reaper.signal(c.pid, s.opts.StopSignal, false) // again: harmless, and a restart's drain deadline is ours now
-	}
+	// Draining children have had their stop signal: a second one would make
+	// some (Python, at exit) die by it. This stop's deadline covers them.
 	deadline := time.NewTimer(s.opts.DrainTimeout)
 	defer deadline.Stop()
 	force := s.forceC

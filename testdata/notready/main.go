@@ -1,0 +1,141 @@
+// Command notready is a broken "new version" of handoff serve used by the
+// fault-injection tests (failure_test.go): exec'd by an upgrade with serve's
+// arguments, it takes the same listeners (and the control socket, PIDFILE.sock)
+// through package upgrader, serves the routes of the reference application on
+// them, and never calls Ready. When the previous generation gives up on it (its
+// --upgrade-timeout), or at a stop, upgrader's Done closes: it then drains what
+// it accepted with server.Drain and exits 0.
+//
+// With --notready-mode panic it panics right after taking the listeners,
+// before serving: a new generation that crashes holding the sockets.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/handoff-dev/handoff/server"
+	"github.com/handoff-dev/handoff/upgrader"
+)
+
+// version is the Handoff-Version of every answer.
+const version = "notready"
+
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+func main() { os.Exit(run(os.Args[1:])) }
+
+func run(args []string) int {
+	if len(args) > 0 && args[0] == "serve" {
+		args = args[1:]
+	}
+	fs := flag.NewFlagSet("notready", flag.ContinueOnError)
+	var listen listFlag
+	fs.Var(&listen, "listen", "address, host:port or unix:/path; repeatable")
+	pidFile := fs.String("pidfile", "", "PID file (the control socket is beside it, +.sock)")
+	control := fs.String("control", "", "control socket")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long the drain may take")
+	fs.Duration("upgrade-timeout", time.Minute, "ignored")
+	fs.String("log-format", "json", "ignored: always JSON")
+	fs.Bool("preflight", false, "ignored")
+	check := fs.Bool("check", false, "print ok and exit 0")
+	mode := fs.String("notready-mode", "notready", "notready (serve, never ready) or panic (panic after taking the listeners)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *check {
+		fmt.Fprintln(os.Stderr, "testdata-notready --check: ok")
+		return 0
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil)).With("pid", os.Getpid())
+	ctlPath := *control
+	if ctlPath == "" && *pidFile != "" {
+		ctlPath = *pidFile + ".sock"
+	}
+	srv := &server.Server{Handler: mux()}
+	upg, err := upgrader.New(upgrader.Options{PIDFile: *pidFile, ControlPath: ctlPath, Version: version,
+		Logger: log, InFlight: srv.InFlight})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "testdata-notready: %v\n", err)
+		return 1
+	}
+	defer upg.Close()
+	upg.HandleSignals()
+	srv.Logger = log
+
+	var specs []string
+	for _, spec := range listen {
+		network, addr := "tcp", spec
+		if p, ok := strings.CutPrefix(spec, "unix:"); ok {
+			network, addr = "unix", p
+		}
+		ln, err := upg.Listen(network, addr)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "testdata-notready: %v\n", err)
+			return 3
+		}
+		specs = append(specs, ln.Addr().String())
+		defer ln.Close()
+		go srv.Serve(ln)
+	}
+	if *mode == "panic" {
+		panic(fmt.Sprintf("testdata-notready: pid %d panics on purpose holding %v", os.Getpid(), specs))
+	}
+	log.Info("serving, never ready", "listeners", specs)
+	fmt.Fprintf(os.Stderr, "testdata-notready: pid %d serving, never ready\n", os.Getpid())
+
+	<-upg.Done()
+	log.Info("draining", "in_flight", srv.InFlight())
+	ctx, cancel := upg.DrainContext(context.Background(), *drainTimeout)
+	defer cancel()
+	rep, err := srv.Drain(ctx)
+	cause := ""
+	if err != nil {
+		cause = err.Error()
+	}
+	log.Info("drained", "requests", rep.Requests, "cut", rep.Cut, "closed_idle", rep.ClosedIdle, "cause", cause)
+	return 0
+}
+
+// mux answers like the reference application (app.go): /, /hello/{name},
+// /healthz and /slow?ms=N, with Handoff-Pid and Handoff-Version headers.
+func mux() http.Handler {
+	m := http.NewServeMux()
+	m.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "Hello World !!!") })
+	m.HandleFunc("GET /hello/{name}", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "Hello %s!!!", r.PathValue("name"))
+	})
+	m.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	m.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+		if err != nil || ms < 0 || ms > 60000 {
+			http.Error(w, "ms must be an integer from 0 to 60000", http.StatusBadRequest)
+			return
+		}
+		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			fmt.Fprintf(w, "slept %d ms", ms)
+		case <-r.Context().Done():
+		}
+	})
+	pid := strconv.Itoa(os.Getpid())
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Handoff-Pid", pid)
+		w.Header().Set("Handoff-Version", version)
+		m.ServeHTTP(w, r)
+	})
+}

@@ -31,7 +31,9 @@ func (u *Upgrader) attempt() (o outcome) {
 		u.last = &out
 		u.mu.Unlock()
 		u.upgrading.Store(false) // before the verdict is given
-		if o.err != nil {
+		// An attempt ended by a stop is not a failed reload: systemd heard
+		// STOPPING=1, and READY=1 would tell it the service runs on.
+		if o.err != nil && !errors.Is(o.err, ErrStopping) {
 			u.sd.Failed(o.err)
 		}
 	}()

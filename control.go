@@ -38,6 +38,9 @@ func upgradeCmd(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	sock, err := path()
+	if err == nil && *timeout <= 0 {
+		err = errors.New("--timeout must be positive")
+	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff upgrade: %v", orUnexpected(err, fs))
 	}
@@ -96,6 +99,9 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	sock, err := path()
+	if err == nil && *timeout <= 0 {
+		err = errors.New("--timeout must be positive")
+	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff status: %v", orUnexpected(err, fs))
 	}

@@ -16,6 +16,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"github.com/handoff-dev/handoff/internal/sockaddr"
 	"io"
 	"log/slog"
 	"os"
@@ -110,6 +111,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 func fail(stderr io.Writer, code int, format string, a ...any) int {
 	fmt.Fprintf(stderr, format+"\n", a...)
 	return code
+}
+
+// checkListen rejects listen addresses that would bind something other than
+// what was meant: an empty one (every interface, a random port) or an empty
+// Unix path (an abstract socket).
+func checkListen(specs []string) error {
+	for _, spec := range specs {
+		if _, addr := sockaddr.Split(spec); addr == "" {
+			return fmt.Errorf("--listen %q: empty address", spec)
+		}
+	}
+	return nil
 }
 
 // listFlag is a repeatable string flag.

@@ -65,6 +65,20 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{defaultListen}
 	}
+	var addrs []string
+	for _, spec := range listen {
+		_, addr, found := strings.Cut(spec, "=")
+		if !found {
+			addr = spec
+		}
+		addrs = append(addrs, addr)
+	}
+	if err := checkListen(addrs); err != nil {
+		return fail(stderr, exitUsage, "handoff run: %v", err)
+	}
+	if *readyTimeout <= 0 || *drainTimeout <= 0 {
+		return fail(stderr, exitUsage, "handoff run: --ready-timeout and --drain-timeout must be positive")
+	}
 	ctlPath := defaultControl(*controlPath, *pidFile)
 
 	var listeners []supervisor.Listener
@@ -90,6 +104,9 @@ func runCmd(args []string, stdout, stderr io.Writer) int {
 		log.Info("listening", "name", name, "network", network, "addr", bound)
 	}
 	if *pidFile != "" {
+		if pid := pidfile.Running(*pidFile); pid != 0 {
+			return fail(stderr, exitPIDFile, "handoff run: pid file %s names pid %d, which is running: another server was started with it", *pidFile, pid)
+		}
 		if err := pidfile.Write(*pidFile, os.Getpid()); err != nil {
 			return fail(stderr, exitPIDFile, "handoff run: %v", err)
 		}

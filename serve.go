@@ -53,6 +53,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if len(listen) == 0 {
 		listen = listFlag{defaultListen}
 	}
+	if err := checkListen(listen); err != nil {
+		return fail(stderr, exitUsage, "handoff serve: %v", err)
+	}
 	if (*tlsCert == "") != (*tlsKey == "") {
 		return fail(stderr, exitUsage, "handoff serve: --tls-cert and --tls-key go together")
 	}

@@ -4,6 +4,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -25,6 +26,9 @@ func stopCmd(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	sock, err := path()
+	if err == nil && *timeout <= 0 {
+		err = errors.New("--timeout must be positive")
+	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff stop: %v", orUnexpected(err, fs))
 	}

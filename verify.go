@@ -108,6 +108,9 @@ func verifyCmd(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	sock, err := path()
+	if err == nil && *timeout <= 0 {
+		err = errors.New("--timeout must be positive")
+	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff verify: %v", orUnexpected(err, fs))
 	}

@@ -50,6 +50,11 @@ func captureStderr() (*stderrTee, error) {
 	if err != nil {
 		return nil, fmt.Errorf("capture stderr: %w", err)
 	}
+	// The new process gets w as its fd 2: in blocking mode, as a stderr is
+	// (os.Pipe makes it non-blocking for Go's poller, and a program that is
+	// not written in Go fails its writes with EAGAIN when the pipe is full).
+	// Fd sets it so; this process never writes to it.
+	w.Fd()
 	t := &stderrTee{saved: os.Stderr, w: w, done: make(chan struct{})}
 	os.Stderr = w
 	go func() {

@@ -158,6 +158,10 @@ func New(opts Options) (*Upgrader, error) {
 			if err := pidfile.CheckDir(opts.PIDFile); err != nil {
 				return nil, err
 			}
+			if pid := pidfile.Running(opts.PIDFile); pid != 0 {
+				return nil, fmt.Errorf("%w %s: it names pid %d, which is running: another server was started with it",
+					ErrPIDFile, opts.PIDFile, pid)
+			}
 		}
 	}
 

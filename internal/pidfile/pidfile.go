@@ -72,3 +72,27 @@ func Read(path string) (int, error) {
 	}
 	return pid, nil
 }
+
+// Running returns the PID that path names if that process runs this same
+// program (by its executable's name), and is not this process: another server
+// started with the same PID file. A stale file (a dead PID, or one reused by
+// another program) gives 0.
+func Running(path string) int {
+	pid, err := Read(path)
+	if err != nil || pid == os.Getpid() {
+		return 0
+	}
+	theirs, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		return 0 // gone, or not ours to look at
+	}
+	mine, err := os.Executable()
+	if err != nil {
+		return 0
+	}
+	name := func(p string) string { return filepath.Base(strings.TrimSuffix(p, " (deleted)")) }
+	if name(theirs) != name(mine) {
+		return 0
+	}
+	return pid
+}

@@ -80,6 +80,13 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 	outR, outW := pipe()
 	errR, errW := pipe()
 	readyR, readyW := pipe()
+	// The child's ends in blocking mode, as a stdout or stderr is (os.Pipe
+	// makes them non-blocking for Go's poller; Fd sets them back).
+	for _, w := range []*os.File{outW, errW, readyW} {
+		if w != nil {
+			w.Fd()
+		}
+	}
 	if err != nil {
 		closeAll()
 		c.notify.Close()

@@ -74,6 +74,14 @@ func (u *Upgrader) attempt() (o outcome) {
 		}
 	}
 	lines := tee.stop(err != nil)
+	if err == nil {
+		// The new generation's lines written before its Ready may still be in
+		// the pipe: Close waits for them, so they are not lost when this
+		// process exits right after its drain.
+		u.mu.Lock()
+		u.lastTee = tee
+		u.mu.Unlock()
+	}
 	if err != nil {
 		return outcome{err: withStderr(err, lines)}
 	}

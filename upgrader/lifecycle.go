@@ -219,6 +219,11 @@ func (u *Upgrader) Close() error {
 		}
 		u.parent.close()
 		u.mu.Lock()
+		if t := u.lastTee; t != nil {
+			u.mu.Unlock()
+			t.wait(time.Second)
+			u.mu.Lock()
+		}
 		u.children.Close()
 		u.moves.Close()
 		handed := u.handedTo != nil

@@ -68,6 +68,15 @@ func captureStderr() (*stderrTee, error) {
 // stop restores os.Stderr and, when wait is set, waits (a second at most: a
 // grandchild may hold the pipe) for the new process's output to be copied; it
 // returns the last lines.
+// wait waits, up to d, until the new process's output has all been copied
+// (it restores its own stderr at Ready, which ends the pipe).
+func (t *stderrTee) wait(d time.Duration) {
+	select {
+	case <-t.done:
+	case <-time.After(d):
+	}
+}
+
 func (t *stderrTee) stop(wait bool) []string {
 	os.Stderr = t.saved
 	t.w.Close()

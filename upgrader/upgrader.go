@@ -124,7 +124,8 @@ type Upgrader struct {
 	moves          *movesOut     // made at the first upgrade
 	successorMoves bool          // the generation that took over takes moved connections
 	moved          *moved.Listener
-	stderrPassed   bool // the real stderr is registered with tableflip
+	stderrPassed   bool       // the real stderr is registered with tableflip
+	lastTee        *stderrTee // the successful attempt\'s, until its copy is done
 	sigC           chan os.Signal
 }
 

@@ -933,11 +933,24 @@ func (c *cluster) waitLoadReached(t testing.TB, pids []int, timeout time.Duratio
 	t.Helper()
 	seen := map[int]bool{}
 	start := time.Now()
-	defer func() { t.Logf("the load reached children %v in %v", pids, time.Since(start).Round(time.Millisecond)) }()
+	// The kernel does not spread connections evenly across idle processes
+	// that accept on one socket: a child seen with a connection is paused
+	// (SIGSTOP) while others are still unseen, so that the next connections
+	// go to them. Its requests wait, they do not fail; all resume at the end.
+	var paused []int
+	defer func() {
+		for _, pid := range paused {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+		}
+		t.Logf("the load reached children %v in %v", pids, time.Since(start).Round(time.Millisecond))
+	}()
 	if !c.poll(timeout, func() bool {
 		for pid, n := range heldConns(c.Port, pids...) {
-			if n > 0 {
+			if n > 0 && !seen[pid] {
 				seen[pid] = true
+				if len(seen) < len(pids) && syscall.Kill(pid, syscall.SIGSTOP) == nil {
+					paused = append(paused, pid)
+				}
 			}
 		}
 		return len(seen) == len(pids)

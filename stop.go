@@ -4,7 +4,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -19,16 +18,12 @@ import (
 func stopCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("handoff stop", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := controlFlags(fs)
-	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the drain to end")
+	path, timeout := controlFlags(fs, 2*time.Minute, "the drain to end")
 	asJSON := fs.Bool("json", false, "print the answer as JSON")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
 	sock, err := path()
-	if err == nil && *timeout <= 0 {
-		err = errors.New("--timeout must be positive")
-	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff stop: %v", orUnexpected(err, fs))
 	}

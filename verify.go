@@ -96,21 +96,17 @@ type verifyLatency struct {
 func verifyCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("handoff verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := controlFlags(fs)
+	path, timeout := controlFlags(fs, 2*time.Minute, "each upgrade's verdict")
 	target := fs.String("target", defaultListen, "the server's address to load, host:port or unix:/path (loopback only)")
 	upgrades := fs.Int("upgrades", 3, "how many upgrades to ask for, spread over --duration")
 	rate := fs.Int("rate", 200, "requests per second")
 	duration := fs.Duration("duration", 10*time.Second, "how long to send (longer if the upgrades take longer)")
 	conns := fs.Int("conns", 16, "pooled keep-alive connections at most")
-	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for each upgrade's verdict")
 	asJSON := fs.Bool("json", false, "print the verdict as JSON")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
 	sock, err := path()
-	if err == nil && *timeout <= 0 {
-		err = errors.New("--timeout must be positive")
-	}
 	if err != nil || fs.NArg() > 0 {
 		return fail(stderr, exitUsage, "handoff verify: %v", orUnexpected(err, fs))
 	}

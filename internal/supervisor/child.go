@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,13 +81,6 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 	outR, outW := pipe()
 	errR, errW := pipe()
 	readyR, readyW := pipe()
-	// The child's ends in blocking mode, as a stdout or stderr is (os.Pipe
-	// makes them non-blocking for Go's poller; Fd sets them back).
-	for _, w := range []*os.File{outW, errW, readyW} {
-		if w != nil {
-			w.Fd()
-		}
-	}
 	if err != nil {
 		closeAll()
 		c.notify.Close()
@@ -100,14 +94,24 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 	}
 	defer devNull.Close()
 
-	files := []*os.File{devNull, outW, errW}
+	// The child's stdin, stdout and stderr are its own: Fd puts them in
+	// blocking mode, as a program expects them. The listening sockets are
+	// shared by every child and must stay as they are (non-blocking, see
+	// nonblock), so their descriptors are taken without Fd.
+	files := []uintptr{devNull.Fd(), outW.Fd(), errW.Fd()}
 	names := make([]string, len(s.opts.Listeners))
 	for i, l := range s.opts.Listeners {
-		files = append(files, l.File)
+		fd, ferr := rawFd(l.File)
+		if ferr != nil {
+			closeAll()
+			c.notify.Close()
+			return nil, fmt.Errorf("listener %s: %w", l.Name, ferr)
+		}
+		files = append(files, fd)
 		names[i] = l.Name
 	}
 	readyFd := len(files)
-	files = append(files, readyW)
+	files = append(files, readyW.Fd())
 
 	env := append(cleanEnv(os.Environ()),
 		envListenFds+"="+strconv.Itoa(len(s.opts.Listeners)),
@@ -118,7 +122,7 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 	)
 	argv := append(append([]string(nil), s.opts.Shim...), s.opts.Command...)
 	c.output.Add(2) // before the exit callback can wait on it
-	pid, err := s.reaper.start(argv, &os.ProcAttr{
+	pid, err := s.reaper.start(argv, &syscall.ProcAttr{
 		Env:   env,
 		Files: files,
 		// Its own process group, so that what it leaves behind goes with it;
@@ -144,6 +148,9 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 		}
 		s.send(event{kind: evExit, pid: pid, status: status})
 	})
+	for _, l := range s.opts.Listeners {
+		runtime.KeepAlive(l.File) // open until the fork has its copies
+	}
 	// The child has its copies; ours of its ends go.
 	outW.Close()
 	errW.Close()
@@ -234,6 +241,44 @@ func (s *Supervisor) readNotify(c *child) {
 			}
 		}
 	}
+}
+
+// rawFd is f's descriptor, taken without os.File.Fd, which would put it in
+// blocking mode.
+func rawFd(f *os.File) (uintptr, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var fd uintptr
+	if err := rc.Control(func(d uintptr) { fd = d }); err != nil {
+		return 0, err
+	}
+	return fd, nil
+}
+
+// nonblock puts the listening sockets in non-blocking mode. Every child gets
+// the same open socket (one file description, whose O_NONBLOCK flag they all
+// share), and several accept on it at once: during an upgrade, and with
+// --instances. On a blocking socket, a child woken for a connection that
+// another took first blocks in accept(2) until the next one arrives; a
+// single-threaded server (Node.js, whose libuv accepts until EAGAIN) then
+// stops answering the requests it holds and cannot act on its stop signal.
+func nonblock(ls []Listener) error {
+	for _, l := range ls {
+		rc, err := l.File.SyscallConn()
+		if err != nil {
+			return fmt.Errorf("listener %s: %w", l.Name, err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = syscall.SetNonblock(int(fd), true) }); err != nil {
+			return fmt.Errorf("listener %s: %w", l.Name, err)
+		}
+		if serr != nil {
+			return fmt.Errorf("listener %s: set non-blocking: %w", l.Name, serr)
+		}
+	}
+	return nil
 }
 
 // close releases what the supervisor holds for an exited child.

@@ -38,16 +38,17 @@ func newReaper(orphans func(pid int)) *reaper {
 }
 
 // start starts a process and registers onExit for it, with no gap in which its
-// exit could be reaped unseen. onExit runs in its own goroutine.
-func (r *reaper) start(argv []string, attr *os.ProcAttr, onExit func(int, syscall.WaitStatus)) (int, error) {
+// exit could be reaped unseen. onExit runs in its own goroutine. The caller
+// keeps attr.Files open until start returns.
+func (r *reaper) start(argv []string, attr *syscall.ProcAttr, onExit func(int, syscall.WaitStatus)) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	p, err := os.StartProcess(argv[0], argv, attr)
+	// syscall rather than os.StartProcess: that one takes *os.File and calls
+	// Fd on each, which puts the descriptor in blocking mode (see spawn).
+	pid, _, err := syscall.StartProcess(argv[0], argv, attr)
 	if err != nil {
 		return 0, err
 	}
-	pid := p.Pid
-	p.Release() // we wait for it ourselves (Release sets p.Pid to -1)
 	r.watched[pid] = onExit
 	return pid, nil
 }

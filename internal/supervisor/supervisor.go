@@ -57,7 +57,7 @@ const ShimCommand = "__listen-exec"
 // Listener is a socket handed to every child.
 type Listener struct {
 	Name    string   // LISTEN_FDNAMES entry
-	File    *os.File // the listening socket
+	File    *os.File // the listening socket; Run puts it in non-blocking mode
 	Network string   // for Status: "tcp" or "unix"
 	Addr    string   // for Status: the bound address
 }
@@ -265,6 +265,9 @@ var ErrChildFailed = errors.New("child failed")
 // first child never became ready, or if a child had to be killed or exited with
 // an error at the stop.
 func (s *Supervisor) Run(ctx context.Context) error {
+	if err := nonblock(s.opts.Listeners); err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "handoff-run-")
 	if err != nil {
 		return fmt.Errorf("create notify directory: %w", err)

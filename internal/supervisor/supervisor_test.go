@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/handoff-dev/handoff/internal/gate"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // shellShim does what handoff's own shim does, in sh: exec keeps the PID.
@@ -180,6 +182,39 @@ func TestBrokenChildrenLeaveTheOldOneServing(t *testing.T) {
 	assert.NotEqual(t, first, res.PID)
 }
 
+// Every child shares the listening socket's O_NONBLOCK flag. Starting a child
+// must not clear it (os.StartProcess's Fd does), or the serving children block
+// in accept(2) until a child that sets it again starts: forever after a new
+// child that fails before it listens.
+func TestListenersStayNonBlocking(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	require.NoError(t, err)
+	defer f.Close()
+	require.NoError(t, syscall.SetNonblock(int(f.Fd()), false)) // as systemd passes it by default
+	nonblocking := func() bool {
+		rc, err := f.SyscallConn()
+		require.NoError(t, err)
+		var flags int
+		require.NoError(t, rc.Control(func(fd uintptr) { flags, err = unix.FcntlInt(fd, unix.F_GETFL, 0) }))
+		require.NoError(t, err)
+		return flags&unix.O_NONBLOCK != 0
+	}
+	h := startWith(t, Options{Command: []string{"/bin/sh", "-c", childScript}, ReadyTimeout: 5 * time.Second,
+		DrainTimeout: 5 * time.Second, Listeners: []Listener{{Name: "l", File: f, Network: "tcp", Addr: ln.Addr().String()}}})
+	assert.True(t, nonblocking(), "after the first start")
+	h.mode("fail")
+	_, err = h.upgrade()
+	require.Error(t, err)
+	assert.True(t, nonblocking(), "after a new child that failed")
+	h.mode("ok")
+	_, err = h.upgrade()
+	require.NoError(t, err)
+	assert.True(t, nonblocking(), "after an upgrade")
+}
+
 func TestChildDyingWhileServingIsRestarted(t *testing.T) {
 	h := start(t, 5*time.Second)
 	first := serving(h.sup.Status())
@@ -234,7 +269,7 @@ func TestReaperReportsRealPID(t *testing.T) {
 	r := newReaper(nil)
 	defer r.stop()
 	exited := make(chan int, 1)
-	pid, err := r.start([]string{"/bin/true"}, &os.ProcAttr{}, func(pid int, _ syscall.WaitStatus) { exited <- pid })
+	pid, err := r.start([]string{"/bin/true"}, &syscall.ProcAttr{}, func(pid int, _ syscall.WaitStatus) { exited <- pid })
 	require.NoError(t, err)
 	assert.Greater(t, pid, 1, "a PID, never -1: kill(-1) would signal every process")
 	select {
@@ -273,7 +308,7 @@ func TestReaperReapsOrphans(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "orphan.pid")
 	// The shell starts a background sleep, writes its PID and exits: the sleep
 	// is re-parented to this process, the nearest subreaper.
-	_, err := r.start([]string{"/bin/sh", "-c", `sleep 0.2 & echo $! > "$0"`, out}, &os.ProcAttr{},
+	_, err := r.start([]string{"/bin/sh", "-c", `sleep 0.2 & echo $! > "$0"`, out}, &syscall.ProcAttr{},
 		func(int, syscall.WaitStatus) {})
 	require.NoError(t, err)
 	var orphan int

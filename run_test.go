@@ -8,6 +8,7 @@ package main_test
 // supervised children (each in a process group of its own).
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -196,30 +197,42 @@ func TestRunRestartsCrashedChild(t *testing.T) {
 	}
 }
 
-// 4. SIGTERM to handoff: the request in flight completes, the child drains and
-// exits, handoff exits 0 and removes its PID file and control socket.
+// 4. SIGTERM to handoff: new connections are refused at once, the request in
+// flight completes, the child drains and exits, handoff exits 0 and removes
+// its PID file and control socket.
 func TestRunSIGTERM(t *testing.T) {
 	h := itest.StartRunner(t, itest.RunnerOpts{})
 	cur := h.ServingChild()
 	if _, err := os.Stat(h.Control); err != nil {
 		t.Fatalf("precondition: control socket %s: %v", h.Control, err)
 	}
-	slow := itest.StartRequest(t, h.Addr, h.Port, "/slow?ms=1500", 30*time.Second)
+	slow := itest.StartRequest(t, h.Addr, h.Port, "/slow?ms=5000", 30*time.Second)
 	mark := h.Logs.Mark()
 	if err := syscall.Kill(h.PID, syscall.SIGTERM); err != nil {
 		t.Fatalf("SIGTERM handoff %d: %v", h.PID, err)
 	}
 	h.Logs.Wait(t, mark, "stop requested", nil, 5*time.Second) // it has no pid field
+	// A new connection is refused once the stop began (the child closed its
+	// socket, handoff its own), not queued where no one will accept it.
+	if !itest.Poll(3*time.Second, func() bool {
+		c, err := net.DialTimeout("tcp", h.Addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return errors.Is(err, syscall.ECONNREFUSED)
+	}) {
+		t.Errorf("127.0.0.1:%d still accepts connections 3 s after the stop began (a request in flight holds the drain)", h.Port)
+	}
 	select {
 	case <-slow.Done:
-		t.Fatalf("precondition: the 1.5s request finished before handoff took the SIGTERM: %v", slow)
+		t.Fatalf("precondition: the request finished before handoff took the SIGTERM and refused connections: %v", slow)
 	default:
 	}
 	if !itest.WaitChan(slow.Done, 15*time.Second) {
 		t.Fatalf("the request in flight at SIGTERM did not complete within 15s")
 	}
-	if slow.Err != nil || slow.Resp.Status != 200 || slow.Resp.PID != cur || slow.Resp.Body != "slept 1500 ms" {
-		t.Errorf("request in flight at SIGTERM: %v, want 200 \"slept 1500 ms\" from child %d", slow, cur)
+	if slow.Err != nil || slow.Resp.Status != 200 || slow.Resp.PID != cur || slow.Resp.Body != "slept 5000 ms" {
+		t.Errorf("request in flight at SIGTERM: %v, want 200 \"slept 5000 ms\" from child %d", slow, cur)
 	}
 	// Wait returns once handoff was reaped and its output read to the end:
 	// the child exited line, written before handoff exited, is in Logs.

@@ -78,6 +78,10 @@ func (s *Supervisor) stopAll(cs set, refused []request) (err error) {
 			s.reaper.signal(c.pid, s.opts.StopSignal, false)
 		}
 	}
+	// Nothing accepts for us any more: our copies of the sockets go, so that
+	// once the children have closed theirs, a new connection is refused at
+	// once rather than queued where no one will accept it.
+	s.closeListeners()
 	// Draining children have had their stop signal: a second one would make
 	// some (Python, at exit) die by it. This stop's deadline covers them.
 	deadline := time.NewTimer(s.opts.DrainTimeout)
@@ -118,6 +122,13 @@ func (s *Supervisor) stopAll(cs set, refused []request) (err error) {
 		return fmt.Errorf("%w: %s", ErrChildFailed, strings.Join(failed, ", "))
 	}
 	return nil
+}
+
+// closeListeners closes the listening sockets (Options.Listeners).
+func (s *Supervisor) closeListeners() {
+	for _, l := range s.opts.Listeners {
+		l.File.Close()
+	}
 }
 
 // killAll kills every child's process group; it returns how many.

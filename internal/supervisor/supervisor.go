@@ -66,7 +66,8 @@ type Listener struct {
 type Options struct {
 	// Command is the program and its arguments. Required.
 	Command []string
-	// Listeners are passed from fd 3 on, in this order.
+	// Listeners are passed from fd 3 on, in this order. Run puts them in
+	// non-blocking mode, and closes them when it stops.
 	Listeners []Listener
 	// Shim is the argv prefix that execs Command with LISTEN_PID set, normally
 	// {"/proc/self/exe", ShimCommand}. Required.

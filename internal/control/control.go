@@ -216,11 +216,23 @@ func Serve(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
 		idle.closeAll()
 		answering.Wait()
 	}()
+	var delay time.Duration // after a failed accept, as net/http's Serve does
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
-			return
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of descriptors (EMFILE, ENFILE), or a connection aborted
+			// before it was accepted: the socket stays, and so do we.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			if log != nil {
+				log.Warn("control socket: accept failed: retrying", "error", err, "in", delay)
+			}
+			time.Sleep(delay)
+			continue
 		}
+		delay = 0
 		idle.add(c)
 		answering.Add(1)
 		go func() {

@@ -7,8 +7,11 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -180,4 +183,76 @@ func TestIdleConnectionDoesNotDelayClose(t *testing.T) {
 		t.Fatal("Serve waited for an idle connection")
 	}
 	t.Logf("Serve returned %v after the close", time.Since(start))
+}
+
+// lockedBuffer is a bytes.Buffer for a logger written from other goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Out of descriptors, accept fails (EMFILE): the control socket must not stop
+// answering for good, as it did when Serve returned on any accept error.
+func TestServeSurvivesRunningOutOfDescriptors(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	ln, err := Listen(path)
+	require.NoError(t, err)
+	logs := &lockedBuffer{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Serve(ln, fakeController{Status{Phase: gate.Serving}}, slog.New(slog.NewTextHandler(logs, nil)))
+	}()
+	defer func() {
+		ln.Close()
+		<-done
+	}()
+
+	var orig syscall.Rlimit
+	require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &orig))
+	restore := func() { syscall.Setrlimit(syscall.RLIMIT_NOFILE, &orig) }
+	defer restore()
+	fds, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	low := orig
+	low.Cur = uint64(len(fds) + 8)
+	require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low))
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range 64 {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			break // this process is out of descriptors too
+		}
+		conns = append(conns, c)
+	}
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "accept failed") }, 10*time.Second,
+		5*time.Millisecond, "the server never hit a failed accept")
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	restore()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ans, err := Ask(ctx, path, Request{Cmd: CmdStatus})
+	require.NoError(t, err, "the control socket answers again once descriptors are free")
+	assert.True(t, ans.OK)
 }

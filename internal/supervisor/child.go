@@ -192,22 +192,37 @@ func cleanEnv(env []string) []string {
 	return out
 }
 
-// copyLines copies r to w line by line with prefix, handing each line to keep.
+// maxLine bounds what copyLines holds of one line: a longer one is copied in
+// pieces, so a child that writes without newlines costs no memory here.
+const maxLine = 64 << 10
+
+// copyLines copies r to w line by line with prefix, handing the start of each
+// line (at most maxLine bytes) to keep.
 func copyLines(r io.ReadCloser, w io.Writer, prefix string, keep func(string)) {
 	defer r.Close()
-	br := bufio.NewReader(r)
+	br := bufio.NewReaderSize(r, maxLine)
+	var buf []byte
+	atStart := true // of a line
 	for {
-		line, err := br.ReadString('\n')
-		if line != "" {
-			if !strings.HasSuffix(line, "\n") {
-				line += "\n"
+		chunk, err := br.ReadSlice('\n')
+		if len(chunk) > 0 {
+			buf = buf[:0]
+			if atStart {
+				buf = append(buf, prefix...)
 			}
-			io.WriteString(w, prefix+line)
-			if keep != nil {
-				keep(strings.TrimRight(line, "\n"))
+			buf = append(buf, chunk...)
+			ended := chunk[len(chunk)-1] == '\n'
+			if !ended && err != bufio.ErrBufferFull { // the last line, unterminated
+				buf = append(buf, '\n')
+				ended = true
 			}
+			w.Write(buf)
+			if atStart && keep != nil {
+				keep(strings.TrimRight(string(chunk), "\n"))
+			}
+			atStart = ended
 		}
-		if err != nil {
+		if err != nil && err != bufio.ErrBufferFull {
 			return
 		}
 	}

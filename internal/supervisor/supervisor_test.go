@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -364,4 +365,20 @@ while :; do sleep 600 & wait $!; done`, got)
 		b, err := os.ReadFile(got)
 		return err == nil && strings.TrimSpace(string(b)) == "usr1"
 	}, 10*time.Second, 5*time.Millisecond, "the child's USR1 trap ran")
+}
+
+// A child's output is relayed whole, with the prefix once per line, however
+// long the line; keep gets at most maxLine bytes of each (a child writing
+// megabytes without a newline once made handoff hold all of it).
+func TestCopyLinesBoundsLongLines(t *testing.T) {
+	long := strings.Repeat("x", 5*maxLine+7)
+	in := "short\n" + long + "\nlast, unterminated"
+	var out bytes.Buffer
+	var kept []string
+	copyLines(io.NopCloser(strings.NewReader(in)), &out, "[p] ", func(s string) { kept = append(kept, s) })
+	assert.Equal(t, "[p] short\n[p] "+long+"\n[p] last, unterminated\n", out.String())
+	require.Len(t, kept, 3)
+	assert.Equal(t, "short", kept[0])
+	assert.Len(t, kept[1], maxLine)
+	assert.Equal(t, "last, unterminated", kept[2])
 }

@@ -26,7 +26,7 @@ type Tail struct {
 func (t *Tail) Add(line string) {
 	line = strings.TrimRight(line, "\r\n")
 	if len(line) > MaxLineLen {
-		line = line[:MaxLineLen] + "..."
+		line = line[:MaxLineLen] + "..." // a copy: the long line is not kept alive
 	}
 	if line == "" {
 		return

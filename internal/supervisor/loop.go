@@ -63,6 +63,9 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		restarts   = map[int]int{} // consecutive restarts, by instance
 		lastStart  = map[int]time.Time{}
 		timers     = map[int]*time.Timer{} // pending restarts, by instance
+		// instances whose restart waits for the drain of a restart that was
+		// not ready in time: restarts of a child that hangs do not pile up
+		afterDrain = map[int]bool{}
 	)
 	n := s.opts.Instances
 	surge := s.opts.MaxSurge
@@ -120,6 +123,12 @@ func (s *Supervisor) loop(ctx context.Context) error {
 		}
 		for _, c := range cs.starting {
 			if c.instance == instance {
+				return
+			}
+		}
+		for _, c := range cs.draining {
+			if c.instance == instance && c.restart {
+				afterDrain[instance] = true
 				return
 			}
 		}
@@ -307,6 +316,10 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			case cs.draining[c.pid] == c:
 				delete(cs.draining, c.pid)
 				s.log.Info("old child exited", "child_pid", c.pid, "instance", c.instance, "status", statusString(ev.status))
+				if afterDrain[c.instance] && c.restart {
+					delete(afterDrain, c.instance)
+					restart(c.instance)
+				}
 				if len(cs.draining) == 0 {
 					g.PreviousExited()
 					err = advance()

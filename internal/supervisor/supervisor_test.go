@@ -27,13 +27,15 @@ import (
 var shellShim = []string{"/bin/sh", "-c", `LISTEN_PID=$$ exec "$@"`, "shim"}
 
 // childScript behaves as the file DIR/mode says when it starts: "fail" exits 1
-// with a line on stderr, "hang" never says ready, anything else serves until
+// with a line on stderr, "hang" never says ready, "deaf" neither and ignores
+// SIGTERM, anything else serves until
 // SIGTERM (exit 0). It writes its PID and LISTEN_PID to DIR/pids.
 const childScript = `
 mode=$(cat "$DIR/mode" 2>/dev/null)
 echo "$$ $LISTEN_PID $LISTEN_FDS" >> "$DIR/pids"
 case "$mode" in
 fail) echo "boom: config broken" >&2; exit 1 ;;
+deaf) trap '' TERM; sleep 600 & wait $! ;;
 hang) exec sleep 600 ;;
 esac
 trap 'exit 0' TERM
@@ -381,4 +383,36 @@ func TestCopyLinesBoundsLongLines(t *testing.T) {
 	assert.Equal(t, "short", kept[0])
 	assert.Len(t, kept[1], maxLine)
 	assert.Equal(t, "last, unterminated", kept[2])
+}
+
+// Restarts of a child that hangs before it is ready and ignores its stop
+// signal do not pile up: the next restart of the instance waits for the drain
+// of the last one (they once started every backoff period, past N+1 children,
+// with the gate saying "previous generation still draining" for good).
+func TestRestartsOfAHungChildDoNotPileUp(t *testing.T) {
+	h := startWith(t, Options{Command: []string{"/bin/sh", "-c", childScript}, ReadyTimeout: time.Second,
+		DrainTimeout: 2 * time.Second})
+	first := serving(h.sup.Status())
+	h.mode("deaf")
+	require.NoError(t, syscall.Kill(first, syscall.SIGKILL))
+	// The first restart: not ready in time, told to stop, ignores it.
+	var deaf int
+	require.Eventually(t, func() bool {
+		for _, c := range h.sup.Status().Children {
+			if c.Phase == control.ChildDraining {
+				deaf = c.PID
+				return true
+			}
+		}
+		return false
+	}, 10*time.Second, 5*time.Millisecond)
+	most := 0
+	require.Eventually(t, func() bool {
+		most = max(most, len(h.sup.Status().Children))
+		return !alive(deaf)
+	}, 10*time.Second, 5*time.Millisecond, "the deaf restart %d is killed at its drain deadline", deaf)
+	assert.LessOrEqual(t, most, 1, "children while the deaf restart drained (it alone, no new restart beside it)")
+	h.mode("ok")
+	require.Eventually(t, func() bool { return serving(h.sup.Status()) != 0 }, 30*time.Second, 5*time.Millisecond,
+		"a restart serves once the child starts again")
 }

@@ -136,6 +136,12 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 		// What it left behind in its process group goes with it (the group
 		// outlives its leader while members remain, so the id is not reused).
 		killGroup(pid)
+		// What it forked into a process group of its own (a daemon, a
+		// detached worker) was orphaned to us as it exited: the ones that
+		// hold a listening socket would keep the port and accept for no one.
+		for _, o := range s.reaper.killOrphans(s.listenerLinks) {
+			s.log.Warn("killed a process left holding a listening socket", "child_pid", pid, "orphan_pid", o)
+		}
 		// Its last words first; a grandchild may hold the pipes, so not forever.
 		done := make(chan struct{})
 		go func() {

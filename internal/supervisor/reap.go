@@ -1,8 +1,11 @@
 package supervisor
 
 import (
+	"bytes"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -98,6 +101,51 @@ func (r *reaper) signal(pid int, sig syscall.Signal, group bool) {
 		pid = -pid
 	}
 	syscall.Kill(pid, sig)
+}
+
+// killOrphans kills with SIGKILL each process that was orphaned to this one
+// (its parent is now this process, and it is not a child started here) and
+// holds a descriptor whose /proc link is in links; it returns their PIDs.
+func (r *reaper) killOrphans(links map[string]bool) []int {
+	self := strconv.Itoa(os.Getpid())
+	ents, _ := os.ReadDir("/proc")
+	var killed []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(stat, ')')
+		if f := strings.Fields(string(stat[i+1:])); i < 0 || len(f) < 2 || f[1] != self {
+			continue
+		}
+		if !holdsAny(pid, links) {
+			continue
+		}
+		r.mu.Lock() // a child being started is registered before this
+		if _, ours := r.watched[pid]; !ours && syscall.Kill(pid, syscall.SIGKILL) == nil {
+			killed = append(killed, pid)
+		}
+		r.mu.Unlock()
+	}
+	return killed
+}
+
+// holdsAny reports whether pid has a descriptor whose /proc link is in links.
+func holdsAny(pid int, links map[string]bool) bool {
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd/"
+	fds, _ := os.ReadDir(dir)
+	for _, fd := range fds {
+		if l, _ := os.Readlink(dir + fd.Name()); links[l] {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *reaper) stop() {

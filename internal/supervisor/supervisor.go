@@ -32,6 +32,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"slices"
 	"sync"
 	"syscall"
@@ -131,6 +132,8 @@ type Supervisor struct {
 	sd sdnotify.Notifier
 
 	spawned int // children started, for unique notify socket names
+
+	listenerLinks map[string]bool // "socket:[inode]" of each listener, as /proc shows it
 
 	stopC    chan struct{} // closed by Stop: a stop as if ctx ended
 	stopOnce sync.Once
@@ -268,6 +271,14 @@ var ErrChildFailed = errors.New("child failed")
 func (s *Supervisor) Run(ctx context.Context) error {
 	if err := nonblock(s.opts.Listeners); err != nil {
 		return err
+	}
+	s.listenerLinks = map[string]bool{}
+	for _, l := range s.opts.Listeners {
+		if fd, err := rawFd(l.File); err == nil {
+			if link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(fd))); err == nil {
+				s.listenerLinks[link] = true
+			}
+		}
 	}
 	dir, err := os.MkdirTemp("", "handoff-run-")
 	if err != nil {

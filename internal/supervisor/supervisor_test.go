@@ -28,7 +28,8 @@ var shellShim = []string{"/bin/sh", "-c", `LISTEN_PID=$$ exec "$@"`, "shim"}
 
 // childScript behaves as the file DIR/mode says when it starts: "fail" exits 1
 // with a line on stderr, "hang" never says ready, "deaf" neither and ignores
-// SIGTERM, anything else serves until
+// SIGTERM, "daemon" starts a sleep in a session of its own (holding the
+// sockets) and serves, anything else serves until
 // SIGTERM (exit 0). It writes its PID and LISTEN_PID to DIR/pids.
 const childScript = `
 mode=$(cat "$DIR/mode" 2>/dev/null)
@@ -36,6 +37,7 @@ echo "$$ $LISTEN_PID $LISTEN_FDS" >> "$DIR/pids"
 case "$mode" in
 fail) echo "boom: config broken" >&2; exit 1 ;;
 deaf) trap '' TERM; sleep 600 & wait $! ;;
+daemon) setsid sleep 600 & echo $! > "$DIR/orphan" ;;
 hang) exec sleep 600 ;;
 esac
 trap 'exit 0' TERM
@@ -415,4 +417,33 @@ func TestRestartsOfAHungChildDoNotPileUp(t *testing.T) {
 	h.mode("ok")
 	require.Eventually(t, func() bool { return serving(h.sup.Status()) != 0 }, 30*time.Second, 5*time.Millisecond,
 		"a restart serves once the child starts again")
+}
+
+// A process a child started in a session of its own holds the listening
+// socket; when the child exits it is orphaned to the supervisor, which kills
+// it, rather than leave it holding the port and accepting for no one.
+func TestOrphanHoldingTheSocketIsKilled(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	require.NoError(t, err)
+	defer f.Close()
+	h := startWith(t, Options{Command: []string{"/bin/sh", "-c", childScript}, ReadyTimeout: 5 * time.Second,
+		DrainTimeout: 5 * time.Second, Listeners: []Listener{{Name: "l", File: f, Network: "tcp", Addr: ln.Addr().String()}}})
+	h.mode("daemon")
+	_, err = h.upgrade() // this child starts the daemon
+	require.NoError(t, err)
+	var orphan int
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(filepath.Join(h.dir, "orphan"))
+		return err == nil && len(bytes.TrimSpace(b)) > 0 && func() bool { _, err := fmt.Sscan(string(b), &orphan); return err == nil }()
+	}, 10*time.Second, 5*time.Millisecond)
+	t.Cleanup(func() { syscall.Kill(orphan, syscall.SIGKILL) })
+	require.True(t, alive(orphan))
+	h.mode("ok")
+	_, err = h.upgrade() // the daemon's parent is told to stop and exits
+	require.NoError(t, err)
+	assert.Eventually(t, func() bool { return !alive(orphan) }, 10*time.Second, 5*time.Millisecond,
+		"the orphan %d holding the listening socket is killed", orphan)
 }

@@ -330,6 +330,16 @@ func TestClusterMaxSurgeOne(t *testing.T) {
 		t.Errorf("after the failure part way: set %v, want instances 1 and 2 unchanged from %v", mixed, next)
 	}
 	t.Logf("after the failure part way: set %v (instance 0 replaced), status generation %d, verdict: %s", mixed, st.Generation, firstLine(r.Stderr))
+	// Status tells the mixed set apart: each child's generation.
+	for _, ch := range st.Children {
+		want := st.Generation
+		if ch.Instance == 0 {
+			want = st.Generation + 1 // of the failed rollout's first batch
+		}
+		if ch.Generation != want {
+			t.Errorf("after the failure part way: instance %d (pid %d) has generation %d in status, want %d (status generation %d)", ch.Instance, ch.PID, ch.Generation, want, st.Generation)
+		}
+	}
 	// The failed child never listened: the shared socket must still be
 	// non-blocking, or these children block in accept(2) with requests held.
 	for _, pid := range mixed {

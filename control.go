@@ -78,8 +78,12 @@ func upgradeCmd(args []string, stdout, stderr io.Writer) int {
 		}
 		switch {
 		case ans.Kind == control.KindStopping || ans.Kind == control.KindHandedOff:
-		case ans.Kind.Busy():
-			fmt.Fprintf(stderr, "pid %d keeps serving; try again later, or use --wait\n", ans.PID)
+		case ans.Kind == control.KindInProgress:
+			fmt.Fprintf(stderr, "pid %d keeps serving; that upgrade's verdict comes first (handoff status shows it): try again after it\n", ans.PID)
+		case ans.Kind == control.KindDraining:
+			fmt.Fprintf(stderr, "pid %d keeps serving; try again later, or use --wait to start once the drain is over\n", ans.PID)
+		case ans.Kind == control.KindNotReady:
+			fmt.Fprintf(stderr, "pid %d is still starting: use --wait to upgrade once it serves\n", ans.PID)
 		default:
 			fmt.Fprintf(stderr, "pid %d keeps serving\n", ans.PID)
 		}
@@ -126,7 +130,11 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "listening: %s %s\n", l.Network, l.Addr)
 	}
 	for _, c := range st.Children {
-		fmt.Fprintf(stdout, "child: pid %d, instance %d, %s since %s", c.PID, c.Instance, c.Phase, c.Started.Format(time.RFC3339))
+		since := c.Since
+		if since.IsZero() {
+			since = c.Started
+		}
+		fmt.Fprintf(stdout, "child: pid %d, instance %d, generation %d, %s since %s", c.PID, c.Instance, c.Generation, c.Phase, since.Format(time.RFC3339))
 		if !c.Ready.IsZero() {
 			fmt.Fprintf(stdout, ", ready in %.1f ms", float64(c.Ready.Sub(c.Started).Microseconds())/1000)
 		}

@@ -231,8 +231,8 @@ func TestUpgradeDuringDrain(t *testing.T) {
 	mark := s.Logs.Mark()
 	r := s.UpgradeCLI(t)
 	if r.Code != 7 || !strings.HasPrefix(r.Stderr, "upgrade failed: previous generation still draining\n") ||
-		!strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving; try again later, or use --wait\n", p2)) {
-		t.Errorf("upgrade without --wait during the drain: exit %d, want 7 (busy) with \"upgrade failed: previous generation still draining\" and \"pid %d keeps serving; try again later, or use --wait\"\n%v", r.Code, p2, r)
+		!strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving; try again later, or use --wait to start once the drain is over\n", p2)) {
+		t.Errorf("upgrade without --wait during the drain: exit %d, want 7 (busy) with \"upgrade failed: previous generation still draining\" and \"pid %d keeps serving; try again later, or use --wait to start once the drain is over\"\n%v", r.Code, p2, r)
 	}
 	r = s.UpgradeCLI(t, "--json")
 	var ans control.Answer

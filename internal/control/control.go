@@ -102,12 +102,14 @@ type Status struct {
 
 // ChildStatus is one process that handoff run supervises.
 type ChildStatus struct {
-	PID      int        `json:"pid"`
-	Instance int        `json:"instance"`
-	Phase    ChildPhase `json:"phase"`
-	Started  time.Time  `json:"started"`
-	Ready    time.Time  `json:"ready,omitzero"`     // when it became ready
-	Restarts int        `json:"restarts,omitempty"` // of its instance before it (crashes)
+	PID        int        `json:"pid"`
+	Instance   int        `json:"instance"`
+	Generation int        `json:"generation"` // the rollout that started it (a failed --max-surge rollout leaves a mixed set)
+	Phase      ChildPhase `json:"phase"`
+	Since      time.Time  `json:"since"` // when it entered Phase
+	Started    time.Time  `json:"started"`
+	Ready      time.Time  `json:"ready,omitzero"`     // when it became ready
+	Restarts   int        `json:"restarts,omitempty"` // of its instance before it (crashes)
 }
 
 // ChildPhase is where a child of handoff run is in its life.

@@ -43,6 +43,7 @@ type child struct {
 	readyAt    time.Time
 	restarts   int // of its instance before it
 	phase      control.ChildPhase
+	since      time.Time // when it entered phase
 
 	timedOut bool // killed for not becoming ready in time
 	restart  bool // started to replace a child that died while serving
@@ -56,7 +57,8 @@ type child struct {
 // spawn starts a child with the listeners from fd 3 and its readiness channels;
 // it reports "ready" to events.
 func (s *Supervisor) spawn(generation, instance int) (*child, error) {
-	c := &child{generation: generation, instance: instance, started: time.Now(), phase: control.ChildStarting}
+	now := time.Now()
+	c := &child{generation: generation, instance: instance, started: now, phase: control.ChildStarting, since: now}
 	s.spawned++
 	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(s.spawned)+".sock")
 	var err error

@@ -19,7 +19,7 @@ func (s *Supervisor) send(ev event) {
 func (s *Supervisor) setChildPhase(c *child, phase control.ChildPhase) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c.phase = phase
+	c.phase, c.since = phase, time.Now()
 }
 
 func (s *Supervisor) track(c *child) {
@@ -58,6 +58,7 @@ func (s *Supervisor) setReady(c *child) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c.phase, c.readyAt = control.ChildServing, time.Now()
+	c.since = c.readyAt
 }
 
 func (s *Supervisor) setLast(o outcome) {

@@ -32,8 +32,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"strconv"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -243,8 +243,8 @@ func (s *Supervisor) Status() control.Status {
 	st := s.status
 	st.Children = nil
 	for _, c := range s.children {
-		cst := control.ChildStatus{PID: c.pid, Instance: c.instance, Phase: c.phase, Started: c.started.UTC(),
-			Restarts: c.restarts}
+		cst := control.ChildStatus{PID: c.pid, Instance: c.instance, Generation: c.generation, Phase: c.phase,
+			Since: c.since.UTC(), Started: c.started.UTC(), Restarts: c.restarts}
 		if !c.readyAt.IsZero() {
 			cst.Ready = c.readyAt.UTC()
 		}

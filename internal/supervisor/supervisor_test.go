@@ -187,17 +187,25 @@ func TestBrokenChildrenLeaveTheOldOneServing(t *testing.T) {
 	assert.NotEqual(t, first, res.PID)
 }
 
+// tcpListener is a listening socket on 127.0.0.1 as handoff run passes it,
+// closed at the end of the test.
+func tcpListener(t *testing.T) Listener {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close() // the file is a copy
+	f, err := ln.(*net.TCPListener).File()
+	require.NoError(t, err)
+	t.Cleanup(func() { f.Close() })
+	return Listener{Name: "l", File: f, Network: "tcp", Addr: ln.Addr().String()}
+}
+
 // Every child shares the listening socket's O_NONBLOCK flag. Starting a child
 // must not clear it (os.StartProcess's Fd does), or the serving children block
 // in accept(2) until a child that sets it again starts: forever after a new
 // child that fails before it listens.
 func TestListenersStayNonBlocking(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	require.NoError(t, err)
-	defer f.Close()
+	l := tcpListener(t)
+	f := l.File
 	require.NoError(t, syscall.SetNonblock(int(f.Fd()), false)) // as systemd passes it by default
 	nonblocking := func() bool {
 		rc, err := f.SyscallConn()
@@ -208,10 +216,10 @@ func TestListenersStayNonBlocking(t *testing.T) {
 		return flags&unix.O_NONBLOCK != 0
 	}
 	h := startWith(t, Options{Command: []string{"/bin/sh", "-c", childScript}, ReadyTimeout: 5 * time.Second,
-		DrainTimeout: 5 * time.Second, Listeners: []Listener{{Name: "l", File: f, Network: "tcp", Addr: ln.Addr().String()}}})
+		DrainTimeout: 5 * time.Second, Listeners: []Listener{l}})
 	assert.True(t, nonblocking(), "after the first start")
 	h.mode("fail")
-	_, err = h.upgrade()
+	_, err := h.upgrade()
 	require.Error(t, err)
 	assert.True(t, nonblocking(), "after a new child that failed")
 	h.mode("ok")
@@ -423,16 +431,11 @@ func TestRestartsOfAHungChildDoNotPileUp(t *testing.T) {
 // socket; when the child exits it is orphaned to the supervisor, which kills
 // it, rather than leave it holding the port and accepting for no one.
 func TestOrphanHoldingTheSocketIsKilled(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	require.NoError(t, err)
-	defer f.Close()
+	l := tcpListener(t)
 	h := startWith(t, Options{Command: []string{"/bin/sh", "-c", childScript}, ReadyTimeout: 5 * time.Second,
-		DrainTimeout: 5 * time.Second, Listeners: []Listener{{Name: "l", File: f, Network: "tcp", Addr: ln.Addr().String()}}})
+		DrainTimeout: 5 * time.Second, Listeners: []Listener{l}})
 	h.mode("daemon")
-	_, err = h.upgrade() // this child starts the daemon
+	_, err := h.upgrade() // this child starts the daemon
 	require.NoError(t, err)
 	var orphan int
 	require.Eventually(t, func() bool {

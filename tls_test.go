@@ -11,6 +11,7 @@ package main_test
 // allowed here.) Log lines are asserted only once the output reached EOF.
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -1132,5 +1133,76 @@ func TestTLSHTTP2LateHandshakeGetsGoAway(t *testing.T) {
 		if n, ok := d.Num("cut"); !ok || n != 0 {
 			t.Errorf("generation %d cut %d connections, want 0", old, n)
 		}
+	}
+}
+
+// A /ws client that sends and never reads holds up no other client (its
+// echoes once held the hub's lock, which every other socket's echo and the
+// drain's close frames waited on); the 101 answer carries Handoff-Pid; a
+// message over the read limit closes its socket with 1009.
+func TestWebSocketNonReadingClientHoldsUpNoOne(t *testing.T) {
+	s := itest.StartServer(t, itest.ServerOpts{})
+	url := "ws://" + s.Addr + "/ws"
+	good, resp, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", url, err)
+	}
+	defer good.Close()
+	if got := resp.Header.Get("Handoff-Pid"); got != strconv.Itoa(s.LivePID()) {
+		t.Errorf("101 answer: Handoff-Pid %q, want %d", got, s.LivePID())
+	}
+	echo := func(c *websocket.Conn, msg string) error {
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := c.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+			return err
+		}
+		_, got, err := c.ReadMessage()
+		if err == nil && string(got) != msg {
+			err = fmt.Errorf("echo %q, want %q", got, msg)
+		}
+		return err
+	}
+	if err := echo(good, "before"); err != nil {
+		t.Fatalf("echo before: %v", err)
+	}
+
+	// The bad client: a small receive buffer, 60 KB messages, no reads, until
+	// its own writes stop going out (the server stopped reading it).
+	small := &websocket.Dialer{NetDialContext: (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}).DialContext}
+	bad, _, err := small.Dial(url, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", url, err)
+	}
+	defer bad.Close()
+	chunk := bytes.Repeat([]byte("x"), 60<<10)
+	stuck := false
+	for range 2000 {
+		bad.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		if err := bad.WriteMessage(websocket.BinaryMessage, chunk); err != nil {
+			stuck = true
+			break
+		}
+	}
+	if !stuck {
+		t.Fatalf("precondition: the non-reading client's writes never stopped going out")
+	}
+	if err := echo(good, "while another client does not read"); err != nil {
+		t.Errorf("echo while another client does not read: %v", err)
+	}
+
+	big, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", url, err)
+	}
+	defer big.Close()
+	big.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	big.SetReadDeadline(time.Now().Add(5 * time.Second))
+	big.WriteMessage(websocket.BinaryMessage, bytes.Repeat([]byte("y"), 2<<20))
+	_, _, err = big.ReadMessage()
+	if !websocket.IsCloseError(err, websocket.CloseMessageTooBig) {
+		t.Errorf("a 2 MiB message: read %v, want close 1009 (message too big)", err)
 	}
 }

@@ -9,8 +9,16 @@ import (
 	"github.com/gorilla/websocket"
 )
 
+// Bounds of the /ws route: a message larger than wsMaxMessage closes the
+// socket (1009); an echo the client does not read within wsWriteTimeout does.
+const (
+	wsMaxMessage   = 1 << 20
+	wsWriteTimeout = 10 * time.Second
+)
+
 // wsHub is the set of open /ws sockets, so that a drain can tell each to
-// leave.
+// leave. Its lock guards the set only: a socket's writes never wait on it, so
+// a client that stops reading holds up no one else.
 type wsHub struct {
 	mu      sync.Mutex
 	conns   map[*websocket.Conn]bool
@@ -25,13 +33,15 @@ var wsUpgrader = websocket.Upgrader{CheckOrigin: func(*http.Request) bool { retu
 // its echo arrives: a message not echoed was not processed, and the client
 // sends it again after reconnecting.
 func (h *wsHub) serveWS(w http.ResponseWriter, r *http.Request) {
-	c, err := wsUpgrader.Upgrade(w, r, nil)
+	// The headers set so far (Handoff-Pid, Handoff-Version) go with the 101.
+	c, err := wsUpgrader.Upgrade(w, r, w.Header())
 	if err != nil {
 		return // Upgrade answered already
 	}
 	defer c.Close()
+	c.SetReadLimit(wsMaxMessage)
 	if !h.add(c) {
-		h.goAway(c) // arrived as the drain began
+		goAway(c) // arrived as the drain began
 		return
 	}
 	defer h.remove(c)
@@ -40,10 +50,10 @@ func (h *wsHub) serveWS(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return
 		}
-		h.mu.Lock() // writes are serialised with goAway's close frame
-		err = c.WriteMessage(kind, msg)
-		h.mu.Unlock()
-		if err != nil {
+		// The only writer of c's messages; goAway's close frame is a control
+		// frame, which gorilla/websocket lets go beside it.
+		c.SetWriteDeadline(time.Now().Add(wsWriteTimeout))
+		if err := c.WriteMessage(kind, msg); err != nil {
 			return
 		}
 	}
@@ -67,23 +77,25 @@ func (h *wsHub) remove(c *websocket.Conn) {
 
 // closeAll is the drain hook: every socket gets close code 1012 (Service
 // Restart), and clients reconnect to the new generation. The reader of each
-// sees the client's close frame in answer and returns.
+// sees the client's close frame in answer and returns. The close frames go
+// out in parallel, each bounded: one client that does not read delays no
+// other.
 func (h *wsHub) closeAll() {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	h.leaving = true
+	conns := make([]*websocket.Conn, 0, len(h.conns))
 	for c := range h.conns {
-		h.goAwayLocked(c)
+		conns = append(conns, c)
 	}
+	h.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() { goAway(c) })
+	}
+	wg.Wait()
 }
 
-func (h *wsHub) goAway(c *websocket.Conn) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.goAwayLocked(c)
-}
-
-func (h *wsHub) goAwayLocked(c *websocket.Conn) {
+func goAway(c *websocket.Conn) {
 	msg := websocket.FormatCloseMessage(websocket.CloseServiceRestart, "server restarting: reconnect")
 	c.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 	// A client that never answers the close is cut at the drain deadline.

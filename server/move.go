@@ -201,8 +201,12 @@ func (c *conn) answer(st *steal, fd int) bool {
 	c.moved = moved
 	if moved {
 		// The new generation has it: this process must never read from it
-		// again, whatever net/http tries next. Closing this copy sends no FIN.
+		// again, whatever net/http tries next (with h2c on, it reads a new
+		// connection again after the preface's peek). Closing this copy
+		// sends no FIN; with the steal over, a later Read only fails, and
+		// answers no offer (which would undo c.moved and count it twice).
 		c.Conn.Close()
+		c.stealing.Store(nil)
 	}
 	c.mu.Unlock()
 	if !moved {

@@ -238,14 +238,52 @@ func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
 	assert.Equal(t, 1, rep.ClosedAfterResponse)
 }
 
-func idleCount(s *Server) int {
+func idleCount(s *Server) int { return stateCount(s, http.StateIdle) }
+
+func newCount(s *Server) int { return stateCount(s, http.StateNew) }
+
+func stateCount(s *Server, st http.ConnState) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
 	for c := range s.conns {
-		if c.state() == http.StateIdle {
+		if c.state() == st {
 			n++
 		}
 	}
 	return n
+}
+
+// With h2c on, net/http reads a new connection again after the read that
+// moved it: the connection still counts once, as moved (it was once counted
+// as closed here too, and could answer a second offer).
+func TestDrainToCountsMovedNewConnectionsOnceWithH2C(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	a := &Server{HTTP: &http.Server{Handler: whoHandler("old"), Protocols: &p}}
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ln) }()
+	_, mover := startMoved(t, "new")
+	const n = 20
+	var clients []*rawConn
+	for range n {
+		clients = append(clients, rawDial(t, ln.Addr().String()))
+	}
+	eventually(t, func() bool { return newCount(a) == n }, "20 new connections")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rep, err := a.DrainTo(ctx, mover)
+	require.NoError(t, err)
+	assert.Equal(t, n, rep.Moved)
+	assert.Zero(t, rep.ClosedAfterResponse+rep.ClosedIdle+rep.Cut, "report %+v", rep)
+	assert.EqualValues(t, n, mover.moves.Load())
+	for i, c := range clients {
+		body, _ := c.get(t)
+		assert.Equal(t, "new", body, "client %d", i)
+	}
+	assert.ErrorIs(t, <-done, ErrDraining)
 }

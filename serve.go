@@ -63,9 +63,23 @@ func serveCmd(args []string, stderr io.Writer) int {
 	httpSrv := &http.Server{Handler: newMux(hub)}
 	if *tlsCert != "" {
 		// Each generation reads the files: an upgrade is how certificates rotate.
+		prefix := "handoff serve: "
+		if *check {
+			prefix = "handoff serve --check: "
+		}
 		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
 		if err != nil {
-			return fail(stderr, exitFailure, "handoff serve: load certificate: %v", err)
+			return fail(stderr, exitFailure, prefix+"load certificate: %v", err)
+		}
+		// Outside its dates, every client refuses it. --check (and so
+		// --preflight) refuses to deploy it; a server started with it says so.
+		if now := time.Now(); cert.Leaf != nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
+			msg := fmt.Sprintf("certificate %s is not valid now: valid from %s to %s", *tlsCert,
+				cert.Leaf.NotBefore.UTC().Format(time.RFC3339), cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+			if *check {
+				return fail(stderr, exitFailure, prefix+"%s", msg)
+			}
+			base.Warn(msg)
 		}
 		httpSrv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 	} else {

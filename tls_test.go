@@ -81,13 +81,19 @@ func tlsNewCA(tb testing.TB, name string) *tlsCA {
 // issue signs a certificate for 127.0.0.1 with subject cn and serial.
 func (ca *tlsCA) issue(tb testing.TB, cn string, serial int64) tlsLeaf {
 	tb.Helper()
+	return ca.issueFor(tb, cn, serial, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
+}
+
+// issueFor is issue with the validity dates given.
+func (ca *tlsCA) issueFor(tb testing.TB, cn string, serial int64, notBefore, notAfter time.Time) tlsLeaf {
+	tb.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		NotBefore: notBefore, NotAfter: notAfter,
 		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
@@ -1204,5 +1210,30 @@ func TestWebSocketNonReadingClientHoldsUpNoOne(t *testing.T) {
 	_, _, err = big.ReadMessage()
 	if !websocket.IsCloseError(err, websocket.CloseMessageTooBig) {
 		t.Errorf("a 2 MiB message: read %v, want close 1009 (message too big)", err)
+	}
+}
+
+// --check, and so --preflight, refuses a certificate outside its dates: every
+// client would refuse it. A valid one passes.
+func TestCheckRefusesExpiredCertificate(t *testing.T) {
+	dir := t.TempDir()
+	ca := tlsNewCA(t, "handoff test CA")
+	bin := itest.Binary(t, "handoff-v1")
+	for _, c := range []struct {
+		name      string
+		from, to  time.Time
+		wantCode  int
+		wantInErr string
+	}{
+		{"valid", time.Now().Add(-time.Hour), time.Now().Add(time.Hour), 0, "ok"},
+		{"expired", time.Now().Add(-48 * time.Hour), time.Now().Add(-24 * time.Hour), 1, "is not valid now"},
+		{"not yet valid", time.Now().Add(24 * time.Hour), time.Now().Add(48 * time.Hour), 1, "is not valid now"},
+	} {
+		certFile, keyFile := filepath.Join(dir, c.name+".pem"), filepath.Join(dir, c.name+".key")
+		tlsWriteFiles(t, ca.issueFor(t, "handoff test", 1, c.from, c.to), certFile, keyFile)
+		r := itest.Run(t, 30*time.Second, bin, "serve", "--listen", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile, "--check")
+		if r.Code != c.wantCode || !strings.Contains(r.Stderr, c.wantInErr) || !strings.HasPrefix(r.Stderr, "handoff serve --check: ") {
+			t.Errorf("%s certificate: --check exit %d, want %d with %q\n%v", c.name, r.Code, c.wantCode, c.wantInErr, r)
+		}
 	}
 }

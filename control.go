@@ -67,7 +67,11 @@ func upgradeCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	if !*asJSON {
 		fmt.Fprintf(stderr, "upgrade failed: %s\n", ans.Error)
-		if o != nil && o.ExitStatus != "" {
+		switch {
+		case o == nil || o.ExitStatus == "":
+		case o.PID == 0: // the preflight check, before any new process
+			fmt.Fprintf(stderr, "  the preflight check: %s\n", o.ExitStatus)
+		default:
 			fmt.Fprintf(stderr, "  new process %d: %s\n", o.PID, o.ExitStatus)
 		}
 		if o != nil && len(o.Stderr) > 0 {

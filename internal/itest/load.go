@@ -38,7 +38,7 @@ func StartLoad(tb testing.TB, addr string, rate int, extra ...string) *Load {
 	l.cmd.Env = CleanEnv(nil)
 	l.cmd.Stdout = &l.stdout
 	l.cmd.Stderr = &l.stderr
-	l.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	l.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	l.cmd.WaitDelay = 5 * time.Second
 	if err := l.cmd.Start(); err != nil {
 		tb.Fatalf("start load tool: %v", err)

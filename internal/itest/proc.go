@@ -60,6 +60,7 @@ func StartCmd(tb testing.TB, cmd *exec.Cmd) *Proc {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	cmd.SysProcAttr.Setpgid = true
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL // should this test process die unclean (a -timeout panic)
 	p := &Proc{Cmd: cmd, Logs: NewLogs(2), tb: tb, exited: make(chan struct{})}
 	// Registered first, so it runs last, after the group was killed.
 	tb.Cleanup(func() {

@@ -69,6 +69,7 @@ func Go(tb testing.TB, timeout time.Duration, cmd *exec.Cmd) *Running {
 		c.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	c.SysProcAttr.Setpgid = true
+	c.SysProcAttr.Pdeathsig = syscall.SIGKILL // should this test process die unclean
 	c.Cancel = func() error { return syscall.Kill(-c.Process.Pid, syscall.SIGKILL) }
 	// Wait returns at most this long after the process exited even when one
 	// it started still holds the output pipes.

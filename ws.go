@@ -33,8 +33,14 @@ var wsUpgrader = websocket.Upgrader{CheckOrigin: func(*http.Request) bool { retu
 // its echo arrives: a message not echoed was not processed, and the client
 // sends it again after reconnecting.
 func (h *wsHub) serveWS(w http.ResponseWriter, r *http.Request) {
-	// The headers set so far (Handoff-Pid, Handoff-Version) go with the 101.
-	c, err := wsUpgrader.Upgrade(w, r, w.Header())
+	// Handoff-Pid and Handoff-Version go with the 101, as with every answer.
+	h101 := http.Header{}
+	for _, k := range []string{"Handoff-Pid", "Handoff-Version"} {
+		if v := w.Header().Get(k); v != "" {
+			h101.Set(k, v)
+		}
+	}
+	c, err := wsUpgrader.Upgrade(w, r, h101)
 	if err != nil {
 		return // Upgrade answered already
 	}

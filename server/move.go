@@ -207,6 +207,7 @@ func (c *conn) answer(st *steal, fd int) bool {
 		// answers no offer (which would undo c.moved and count it twice).
 		c.Conn.Close()
 		c.stealing.Store(nil)
+		c.movable = false // and no later pass asks again
 	}
 	c.mu.Unlock()
 	if !moved {

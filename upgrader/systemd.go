@@ -67,7 +67,16 @@ func takeActivated() ([]activated, error) {
 
 // adopt makes a listener or a packet socket of f, as its type says.
 func adopt(f *os.File) (activated, error) {
-	typ, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_TYPE)
+	// Not f.Fd(), which would put the socket, shared with every process that
+	// holds it (the other children of handoff run), in blocking mode.
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return activated{}, fmt.Errorf("socket type: %w", err)
+	}
+	var typ int
+	if cerr := rc.Control(func(fd uintptr) { typ, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TYPE) }); cerr != nil {
+		err = cerr
+	}
 	if err != nil {
 		return activated{}, fmt.Errorf("socket type: %w", err)
 	}

@@ -17,6 +17,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -222,11 +223,12 @@ func Serve(ln *net.UnixListener, ctl Controller, log *slog.Logger) {
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
+			if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) &&
+				!errors.Is(err, syscall.ENOBUFS) && !errors.Is(err, syscall.ENOMEM) {
+				return // closed, or broken for good
 			}
-			// Out of descriptors (EMFILE, ENFILE), or a connection aborted
-			// before it was accepted: the socket stays, and so do we.
+			// Out of descriptors or memory for a while: the socket stays, and
+			// so do we.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 			if log != nil {
 				log.Warn("control socket: accept failed: retrying", "error", err, "in", delay)

@@ -201,7 +201,8 @@ func cleanEnv(env []string) []string {
 }
 
 // maxLine bounds what copyLines holds of one line: a longer one is copied in
-// pieces, so a child that writes without newlines costs no memory here.
+// pieces, so a child that writes without newlines costs no memory here (other
+// children's lines may then land between the pieces).
 const maxLine = 64 << 10
 
 // copyLines copies r to w line by line with prefix, handing the start of each

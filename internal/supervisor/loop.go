@@ -127,7 +127,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			}
 		}
 		for _, c := range cs.draining {
-			if c.instance == instance && c.restart {
+			if c.instance == instance && c.restart && c.timedOut {
 				afterDrain[instance] = true
 				return
 			}
@@ -316,7 +316,7 @@ func (s *Supervisor) loop(ctx context.Context) error {
 			case cs.draining[c.pid] == c:
 				delete(cs.draining, c.pid)
 				s.log.Info("old child exited", "child_pid", c.pid, "instance", c.instance, "status", statusString(ev.status))
-				if afterDrain[c.instance] && c.restart {
+				if afterDrain[c.instance] && c.restart && c.timedOut {
 					delete(afterDrain, c.instance)
 					restart(c.instance)
 				}

@@ -107,33 +107,47 @@ func (r *reaper) signal(pid int, sig syscall.Signal, group bool) {
 // (its parent is now this process, and it is not a child started here) and
 // holds a descriptor whose /proc link is in links; it returns their PIDs.
 func (r *reaper) killOrphans(links map[string]bool) []int {
-	self := strconv.Itoa(os.Getpid())
+	if len(links) == 0 {
+		return nil
+	}
+	self := os.Getpid()
 	ents, _ := os.ReadDir("/proc")
 	var killed []int
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+		if err != nil || parentOf(pid) != self || !holdsAny(pid, links) {
 			continue
 		}
-		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
-		i := bytes.LastIndexByte(stat, ')')
-		if f := strings.Fields(string(stat[i+1:])); i < 0 || len(f) < 2 || f[1] != self {
-			continue
-		}
-		if !holdsAny(pid, links) {
-			continue
-		}
-		r.mu.Lock() // a child being started is registered before this
-		if _, ours := r.watched[pid]; !ours && syscall.Kill(pid, syscall.SIGKILL) == nil {
+		// Checked again under the lock: while it is held nothing is reaped,
+		// so a PID whose parent is still this process is that orphan (alive
+		// or a zombie), not a reused one; and a child being started is
+		// registered before the lock is free.
+		r.mu.Lock()
+		if _, ours := r.watched[pid]; !ours && parentOf(pid) == self && syscall.Kill(pid, syscall.SIGKILL) == nil {
 			killed = append(killed, pid)
 		}
 		r.mu.Unlock()
 	}
 	return killed
+}
+
+// parentOf is pid's parent from /proc, or 0.
+func parentOf(pid int) int {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
 }
 
 // holdsAny reports whether pid has a descriptor whose /proc link is in links.

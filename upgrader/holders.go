@@ -1,10 +1,9 @@
 package upgrader
 
 import (
-	"os"
-	"strconv"
-
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/fdscan"
 )
 
 // killHolders sends sig to every other process that holds a descriptor reading
@@ -23,23 +22,10 @@ func killHolders(link string, sig unix.Signal) []int {
 	if link == "" {
 		return nil
 	}
-	self := os.Getpid()
-	ents, _ := os.ReadDir("/proc")
 	var killed []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		dir := "/proc/" + e.Name() + "/fd/"
-		fds, _ := os.ReadDir(dir) // another user's process: EACCES, skipped
-		for _, fd := range fds {
-			if l, _ := os.Readlink(dir + fd.Name()); l == link {
-				if unix.Kill(pid, sig) == nil {
-					killed = append(killed, pid)
-				}
-				break
-			}
+	for _, pid := range fdscan.Holders(map[string]bool{link: true}) {
+		if unix.Kill(pid, sig) == nil {
+			killed = append(killed, pid)
 		}
 	}
 	return killed

@@ -1,15 +1,14 @@
 package supervisor
 
 import (
-	"bytes"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/fdscan"
 )
 
 // reaper waits for every child process of this one: the children it started,
@@ -107,15 +106,10 @@ func (r *reaper) signal(pid int, sig syscall.Signal, group bool) {
 // (its parent is now this process, and it is not a child started here) and
 // holds a descriptor whose /proc link is in links; it returns their PIDs.
 func (r *reaper) killOrphans(links map[string]bool) []int {
-	if len(links) == 0 {
-		return nil
-	}
 	self := os.Getpid()
-	ents, _ := os.ReadDir("/proc")
 	var killed []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || parentOf(pid) != self || !holdsAny(pid, links) {
+	for _, pid := range fdscan.Holders(links) {
+		if fdscan.Parent(pid) != self {
 			continue
 		}
 		// Checked again under the lock: while it is held nothing is reaped,
@@ -123,43 +117,12 @@ func (r *reaper) killOrphans(links map[string]bool) []int {
 		// or a zombie), not a reused one; and a child being started is
 		// registered before the lock is free.
 		r.mu.Lock()
-		if _, ours := r.watched[pid]; !ours && parentOf(pid) == self && syscall.Kill(pid, syscall.SIGKILL) == nil {
+		if _, ours := r.watched[pid]; !ours && fdscan.Parent(pid) == self && syscall.Kill(pid, syscall.SIGKILL) == nil {
 			killed = append(killed, pid)
 		}
 		r.mu.Unlock()
 	}
 	return killed
-}
-
-// parentOf is pid's parent from /proc, or 0.
-func parentOf(pid int) int {
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0
-	}
-	// pid (comm) state ppid ...: comm may hold spaces and parentheses.
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(string(stat[i+1:]))
-	if len(f) < 2 {
-		return 0
-	}
-	ppid, _ := strconv.Atoi(f[1])
-	return ppid
-}
-
-// holdsAny reports whether pid has a descriptor whose /proc link is in links.
-func holdsAny(pid int, links map[string]bool) bool {
-	dir := "/proc/" + strconv.Itoa(pid) + "/fd/"
-	fds, _ := os.ReadDir(dir)
-	for _, fd := range fds {
-		if l, _ := os.Readlink(dir + fd.Name()); links[l] {
-			return true
-		}
-	}
-	return false
 }
 
 func (r *reaper) stop() {

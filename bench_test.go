@@ -32,7 +32,7 @@ func BenchmarkUpgradeUnderLoad(b *testing.B) {
 	first := s.LivePID()
 
 	// Peak RSS (VmHWM) of every handoff process.
-	rss := sampleRSS(b, func() []int { return itest.GroupProcs(s.Proc.PID) })
+	rss := sampleHWM(b, 100*time.Millisecond, func() []int { return itest.GroupProcs(s.Proc.PID) })
 
 	load := itest.StartLoad(b, s.Addr, rate,
 		"--conns", "16", "--new-conn-fraction", "0.3", "--slow-fraction", "0.02", "--slow", slow.String(), "--samples")
@@ -117,42 +117,34 @@ func (u benchUpgrade) base() benchUpgrade { return u }
 // struct that embeds one.
 type upgradeRecord interface{ base() benchUpgrade }
 
-// rssPeaks is the peak RSS (VmHWM) in KiB of every process sampleRSS saw.
-type rssPeaks struct {
+// hwmSampler records the peak RSS (VmHWM, KiB) of every process it saw.
+type hwmSampler struct {
 	mu   sync.Mutex
 	kib  map[int]int64 // by pid; read it once stop has returned
-	stop func()        // ends the sampling; idempotent
+	stop func()        // ends the sampling and waits for it; idempotent
 }
 
-// sampleRSS samples the peak RSS of the processes pids returns, every 100 ms,
-// until stop (or the end of the benchmark).
-func sampleRSS(b *testing.B, pids func() []int) *rssPeaks {
-	r := &rssPeaks{kib: map[int]int64{}}
-	stopC, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			for _, p := range pids() {
-				if kib, ok := itest.VmHWM(p); ok {
-					r.mu.Lock()
-					if kib > r.kib[p] {
-						r.kib[p] = kib
-					}
-					r.mu.Unlock()
-				}
-			}
-			select {
-			case <-stopC:
-				return
-			case <-tick.C:
+// sampleHWM reads VmHWM of the processes pids returns every period, until
+// stop or the end of the benchmark. VmHWM only grows, so a process that exits
+// between two samples loses at most what it gained since the last one.
+func sampleHWM(tb testing.TB, every time.Duration, pids func() []int) *hwmSampler {
+	h := &hwmSampler{kib: map[int]int64{}}
+	h.stop = itest.Every(tb, every, func() {
+		for _, p := range pids() {
+			if kib, ok := itest.VmHWM(p); ok {
+				h.mu.Lock()
+				h.kib[p] = max(h.kib[p], kib)
+				h.mu.Unlock()
 			}
 		}
-	}()
-	r.stop = sync.OnceFunc(func() { close(stopC); <-done })
-	b.Cleanup(r.stop)
-	return r
+	})
+	return h
+}
+
+func (h *hwmSampler) peak(pid int) int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.kib[pid]
 }
 
 // replacedGone waits (15s) for the process the last of ups replaced to exit,
@@ -174,7 +166,7 @@ func replacedGone[U upgradeRecord](b *testing.B, ups []U, n int, what string) bo
 // finishLoad keeps the load on for one more tick (the window after the last
 // upgrade), waits (15s, unchecked) for the last replaced process to exit,
 // then stops the load, the benchmark timer and rss.
-func finishLoad[U upgradeRecord](b *testing.B, tick *time.Ticker, ups []U, load *itest.Load, rss *rssPeaks) (*loadgen.Result, time.Duration) {
+func finishLoad[U upgradeRecord](b *testing.B, tick *time.Ticker, ups []U, load *itest.Load, rss *hwmSampler) (*loadgen.Result, time.Duration) {
 	b.Helper()
 	<-tick.C
 	if len(ups) > 0 {

@@ -39,7 +39,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -448,28 +447,10 @@ func freePort(tb testing.TB) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// vmRSS returns the resident set size of pid in KiB.
-func vmRSS(pid int) (int64, bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, false
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			f := strings.Fields(rest)
-			if len(f) > 0 {
-				n, err := strconv.ParseInt(f[0], 10, 64)
-				return n, err == nil
-			}
-		}
-	}
-	return 0, false
-}
-
 func sumRSS(pids []int) int64 {
 	var sum int64
 	for _, p := range pids {
-		if kib, ok := vmRSS(p); ok {
+		if kib, ok := itest.VmRSS(p); ok {
 			sum += kib
 		}
 	}
@@ -484,25 +465,12 @@ type rssSum struct {
 
 func sampleRSSSum(b *testing.B, pids func() []int, supervisor int) *rssSum {
 	r := &rssSum{}
-	stopC, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			r.maxSum = max(r.maxSum, sumRSS(pids()))
-			if kib, ok := vmRSS(supervisor); ok {
-				r.maxOne = max(r.maxOne, kib)
-			}
-			select {
-			case <-stopC:
-				return
-			case <-tick.C:
-			}
+	r.stop = itest.Every(b, 100*time.Millisecond, func() {
+		r.maxSum = max(r.maxSum, sumRSS(pids()))
+		if kib, ok := itest.VmRSS(supervisor); ok {
+			r.maxOne = max(r.maxOne, kib)
 		}
-	}()
-	r.stop = sync.OnceFunc(func() { close(stopC); <-done })
-	b.Cleanup(r.stop)
+	})
 	return r
 }
 

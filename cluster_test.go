@@ -13,7 +13,6 @@ package main_test
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -825,16 +824,7 @@ func (c *cluster) stop(t testing.TB) {
 }
 
 // loggedChildren returns every child PID handoff logged as started.
-func (c *cluster) loggedChildren() []int {
-	ls, _ := c.Logs.Find(0, "child started", itest.PIDIs(c.PID))
-	var out []int
-	for _, l := range ls {
-		if n, ok := l.Num("child_pid"); ok && n > 1 {
-			out = append(out, int(n))
-		}
-	}
-	return out
-}
+func (c *cluster) loggedChildren() []int { return itest.LoggedChildren(c.Proc) }
 
 // checkLoggedStarts asserts, once the output reached EOF, that handoff logged
 // each of pids as started, with its instance (pids[i] is instance i % 3).
@@ -872,58 +862,10 @@ func (c *cluster) checkDrainedExit0(t testing.TB, replaced []int) {
 
 // ours reports whether pid is alive and runs our script (its command line
 // names the temp dir), so that a recycled PID is never killed.
-func (c *cluster) ours(pid int) bool {
-	if !itest.Alive(pid) {
-		return false
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && bytes.Contains(b, []byte(c.Dir))
-}
+func (c *cluster) ours(pid int) bool { return itest.RunsIn(pid, c.Dir) }
 
-// kill is the cleanup: as the harness's Runner does, with handoff frozen
-// (so that it starts no child meanwhile) every child's process group is
-// SIGKILLed, handoff is let go to reap them, frozen again, its group killed
-// (the Proc's kill); any child it ever logged that still runs goes last.
-func (c *cluster) kill() {
-	if c.Running() {
-		_ = syscall.Kill(c.PID, syscall.SIGSTOP)
-		kids := itest.PIDs(itest.Children(c.PID))
-		for _, k := range kids {
-			itest.KillGroup(k)
-		}
-		_ = syscall.Kill(c.PID, syscall.SIGCONT)
-		itest.Poll(5*time.Second, func() bool {
-			for _, k := range itest.Children(c.PID) {
-				if slices.Contains(kids, k.PID) {
-					return false
-				}
-			}
-			return true
-		})
-		_ = syscall.Kill(c.PID, syscall.SIGSTOP)
-		for _, k := range itest.Children(c.PID) {
-			itest.KillGroup(k.PID)
-		}
-	}
-	c.Proc.Kill()
-	var left []int
-	for _, pid := range c.loggedChildren() {
-		if c.ours(pid) {
-			itest.KillGroup(pid)
-			left = append(left, pid)
-		}
-	}
-	if !itest.Poll(10*time.Second, func() bool {
-		for _, pid := range left {
-			if itest.Alive(pid) {
-				return false
-			}
-		}
-		return true
-	}) {
-		c.tb.Errorf("children %v of handoff run still alive 10s after SIGKILL", left)
-	}
-}
+// kill is the cleanup: the harness's, as for its Runner.
+func (c *cluster) kill() { itest.KillRun(c.tb, c.Proc, c.Dir) }
 
 // heldConns counts the connections to 127.0.0.1:port (established or half
 // closed) whose server side each of pids holds a descriptor for, with one

@@ -48,6 +48,19 @@ func faultLoadArgs(slowFraction, slow string) []string {
 	return []string{"--conns", "8", "--new-conn-fraction", "0.3", "--slow-fraction", slowFraction, "--slow", slow}
 }
 
+// faultUpgradeToHang deploys testdata/hang and starts handoff upgrade, in the
+// background; it returns once the new process said it blocks (logged after
+// mark), with its PID.
+func faultUpgradeToHang(t *testing.T, s *itest.Server, mark int) (*itest.Running, int) {
+	t.Helper()
+	s.DeployFile(itest.Binary(t, "hang"), 0o755)
+	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
+	hangRE := regexp.MustCompile(`^testdata-hang: pid (\d+) blocking forever$`)
+	hl := s.Logs.Wait(t, mark, "", func(l itest.Line) bool { return hangRE.MatchString(l.Raw) }, 15*time.Second)
+	pid, _ := strconv.Atoi(hangRE.FindStringSubmatch(hl.Raw)[1])
+	return bg, pid
+}
+
 // faultStartCLI starts handoff-v1 args... (a client that waits for a
 // verdict) in its own process group, killed after 2 minutes at most.
 func faultStartCLI(t *testing.T, args ...string) *itest.Running {
@@ -540,11 +553,7 @@ func TestFaultServeKills(t *testing.T) {
 	// 1. SIGKILL of the new process before it is ready (it hangs, holding
 	// the sockets): exit 1, kind exited, the old one serves on.
 	mark := s.Logs.Mark()
-	s.DeployFile(itest.Binary(t, "hang"), 0o755)
-	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
-	hangRE := regexp.MustCompile(`^testdata-hang: pid (\d+) blocking forever$`)
-	hl := s.Logs.Wait(t, mark, "", func(l itest.Line) bool { return hangRE.MatchString(l.Raw) }, 15*time.Second)
-	hangPID, _ := strconv.Atoi(hangRE.FindStringSubmatch(hl.Raw)[1])
+	bg, hangPID := faultUpgradeToHang(t, s, mark)
 	s.KillInGroup(t, hangPID, p1)
 	r := bg.Wait(t, 90*time.Second)
 	t.Logf("kill -9 before ready: %s", r)
@@ -590,10 +599,7 @@ func TestFaultServeStopMidUpgrade(t *testing.T) {
 	p1 := s.LivePID()
 	load := itest.StartLoad(t, s.Addr, faultRate, faultLoadArgs("0.05", "300ms")...)
 	mark := s.Logs.Mark()
-	s.DeployFile(itest.Binary(t, "hang"), 0o755)
-	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
-	hangRE := regexp.MustCompile(`^testdata-hang: pid (\d+) blocking forever$`)
-	s.Logs.Wait(t, mark, "", func(l itest.Line) bool { return hangRE.MatchString(l.Raw) }, 15*time.Second)
+	bg, _ := faultUpgradeToHang(t, s, mark)
 	load.StopAndCheck(t) // the stop refuses new connections: the load ends before it
 	var slow []*itest.Inflight
 	for range 3 {
@@ -711,40 +717,14 @@ func faultGoodApp(t *testing.T, h *itest.Runner) (path, src string) {
 }
 
 // faultStartRun starts handoff-v1 run args... in dir with itest.StartCmd; its
-// cleanup first kills handoff's group, then every child it logged that still
-// runs a command naming dir (each in a group of its own), and waits for them.
+// cleanup is itest.KillRun.
 func faultStartRun(t *testing.T, dir string, args ...string) *itest.Proc {
 	t.Helper()
 	cmd := exec.Command(itest.Binary(t, "handoff-v1"), append([]string{"run"}, args...)...)
 	cmd.Dir = dir
 	cmd.Env = itest.CleanEnv(nil)
 	p := itest.StartCmd(t, cmd)
-	t.Cleanup(func() {
-		kids := itest.PIDs(itest.Children(p.PID))
-		p.Kill()
-		for _, l := range func() []itest.Line { ls, _ := p.Logs.Find(0, "child started", nil); return ls }() {
-			if n, ok := l.Num("child_pid"); ok && n > 1 {
-				kids = append(kids, int(n))
-			}
-		}
-		var left []int
-		for _, k := range kids {
-			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", k)); err == nil && itest.Alive(k) && strings.Contains(string(b), dir) {
-				itest.KillGroup(k)
-				left = append(left, k)
-			}
-		}
-		if !itest.Poll(10*time.Second, func() bool {
-			for _, k := range left {
-				if itest.Alive(k) {
-					return false
-				}
-			}
-			return true
-		}) {
-			t.Errorf("children %v of handoff run still alive 10s after SIGKILL", left)
-		}
-	})
+	t.Cleanup(func() { itest.KillRun(t, p, dir) })
 	return p
 }
 

@@ -229,49 +229,6 @@ func BenchmarkMigrateTenThousand(b *testing.B) {
 		conns, asked.Round(time.Millisecond), byNew, byOld, failed)
 }
 
-// hwmSampler records the peak RSS (VmHWM, KiB) of every process it saw.
-type hwmSampler struct {
-	mu   sync.Mutex
-	kib  map[int]int64
-	stop func() // ends the sampling and waits for it; idempotent
-}
-
-// sampleHWM reads VmHWM of the processes pids returns every period, until
-// stop or the end of the benchmark. VmHWM only grows, so a process that exits
-// between two samples loses at most what it gained since the last one.
-func sampleHWM(tb testing.TB, every time.Duration, pids func() []int) *hwmSampler {
-	h := &hwmSampler{kib: map[int]int64{}}
-	stopC, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			for _, p := range pids() {
-				if kib, ok := itest.VmHWM(p); ok {
-					h.mu.Lock()
-					h.kib[p] = max(h.kib[p], kib)
-					h.mu.Unlock()
-				}
-			}
-			select {
-			case <-stopC:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	h.stop = sync.OnceFunc(func() { close(stopC); <-done })
-	tb.Cleanup(h.stop)
-	return h
-}
-
-func (h *hwmSampler) peak(pid int) int64 {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.kib[pid]
-}
-
 // raiseNoFile raises this process's soft RLIMIT_NOFILE to at least n (its
 // children, the server, inherit it); it skips b when the hard limit is lower.
 func raiseNoFile(b *testing.B, n uint64) {

@@ -221,23 +221,7 @@ func opsStartSlow(t *testing.T, s *itest.Server, path string) *itest.Inflight {
 	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: "+s.Addr+"\r\nConnection: close\r\n\r\n"); err != nil {
 		t.Fatalf("write request: %v", err)
 	}
-	r := &itest.Inflight{Done: make(chan struct{})}
-	go func() {
-		defer close(r.Done)
-		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-		if err != nil {
-			r.Err = err
-			return
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil {
-			r.Err = err
-			return
-		}
-		pid, _ := strconv.Atoi(resp.Header.Get("Handoff-Pid"))
-		r.Resp = itest.Response{Status: resp.StatusCode, PID: pid, Version: resp.Header.Get("Handoff-Version"), Body: string(body)}
-	}()
+	r := itest.ReadInflight(conn)
 	var last string
 	if !itest.Poll(10*time.Second, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -34,7 +34,7 @@ func BenchmarkRunNodeUnderLoad(b *testing.B) {
 	first := h.ServingChild()
 
 	// Peak RSS (VmHWM) of every child of handoff, and of handoff.
-	rss := sampleRSS(b, func() []int {
+	rss := sampleHWM(b, 100*time.Millisecond, func() []int {
 		pids := []int{h.PID}
 		for _, k := range itest.Children(h.PID) {
 			pids = append(pids, k.PID)

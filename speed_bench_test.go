@@ -847,49 +847,35 @@ func spGetPID(addr string) (int, error) {
 // spRSS samples the peak RSS (VmHWM) of a set of processes every 10 ms until
 // each has exited; a process's peak is then its last sample.
 type spRSS struct {
-	mu    sync.Mutex
-	pids  map[int]bool // sampled still
-	kib   map[int]int64
-	stopC chan struct{}
-	done  chan struct{}
-	stop  func()
+	mu   sync.Mutex
+	pids map[int]bool // sampled still
+	kib  map[int]int64
+	stop func()
 }
 
 func spSampleRSS(tb testing.TB, pids ...int) *spRSS {
-	r := &spRSS{pids: map[int]bool{}, kib: map[int]int64{}, stopC: make(chan struct{}), done: make(chan struct{})}
+	r := &spRSS{pids: map[int]bool{}, kib: map[int]int64{}}
 	for _, p := range pids {
 		r.add(p)
 	}
-	go func() {
-		defer close(r.done)
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
+	r.stop = itest.Every(tb, 10*time.Millisecond, func() {
+		r.mu.Lock()
+		ps := make([]int, 0, len(r.pids))
+		for p := range r.pids {
+			ps = append(ps, p)
+		}
+		r.mu.Unlock()
+		for _, p := range ps {
+			kib, ok := itest.VmHWM(p)
 			r.mu.Lock()
-			ps := make([]int, 0, len(r.pids))
-			for p := range r.pids {
-				ps = append(ps, p)
+			if ok {
+				r.kib[p] = max(r.kib[p], kib)
+			} else {
+				delete(r.pids, p) // gone (or a zombie: no VmHWM)
 			}
 			r.mu.Unlock()
-			for _, p := range ps {
-				kib, ok := itest.VmHWM(p)
-				r.mu.Lock()
-				if ok {
-					r.kib[p] = max(r.kib[p], kib)
-				} else {
-					delete(r.pids, p) // gone (or a zombie: no VmHWM)
-				}
-				r.mu.Unlock()
-			}
-			select {
-			case <-r.stopC:
-				return
-			case <-tick.C:
-			}
 		}
-	}()
-	r.stop = sync.OnceFunc(func() { close(r.stopC); <-r.done })
-	tb.Cleanup(r.stop)
+	})
 	return r
 }
 
@@ -1498,28 +1484,15 @@ type spFDs struct {
 
 func spSampleFDs(tb testing.TB, pid int) *spFDs {
 	f := &spFDs{}
-	stopC, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			if d, err := os.Open(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
-				names, _ := d.Readdirnames(-1)
-				d.Close()
-				f.mu.Lock()
-				f.samples = append(f.samples, [2]int64{time.Now().UnixNano(), int64(len(names))})
-				f.mu.Unlock()
-			}
-			select {
-			case <-stopC:
-				return
-			case <-tick.C:
-			}
+	f.stop = itest.Every(tb, 10*time.Millisecond, func() {
+		if d, err := os.Open(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
+			names, _ := d.Readdirnames(-1)
+			d.Close()
+			f.mu.Lock()
+			f.samples = append(f.samples, [2]int64{time.Now().UnixNano(), int64(len(names))})
+			f.mu.Unlock()
 		}
-	}()
-	f.stop = sync.OnceFunc(func() { close(stopC); <-done })
-	tb.Cleanup(f.stop)
+	})
 	return f
 }
 
@@ -1584,26 +1557,13 @@ func spCPUns(pid int) int64 {
 
 func spSampleCPU(tb testing.TB, pid int) *spCPU {
 	c := &spCPU{}
-	stopC, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(5 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			if n := spCPUns(pid); n > 0 {
-				c.mu.Lock()
-				c.samples = append(c.samples, [2]int64{time.Now().UnixNano(), n})
-				c.mu.Unlock()
-			}
-			select {
-			case <-stopC:
-				return
-			case <-tick.C:
-			}
+	c.stop = itest.Every(tb, 5*time.Millisecond, func() {
+		if n := spCPUns(pid); n > 0 {
+			c.mu.Lock()
+			c.samples = append(c.samples, [2]int64{time.Now().UnixNano(), n})
+			c.mu.Unlock()
 		}
-	}()
-	c.stop = sync.OnceFunc(func() { close(stopC); <-done })
-	tb.Cleanup(c.stop)
+	})
 	return c
 }
 

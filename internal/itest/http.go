@@ -87,6 +87,12 @@ func StartRequest(tb testing.TB, addr string, serverPort int, path string, timeo
 		}
 		return false
 	}, "the server to read the request %s (client port %d)", path, clientPort)
+	return ReadInflight(conn)
+}
+
+// ReadInflight reads the response to the request sent on conn in the
+// background; its Done closes once it is read or failed.
+func ReadInflight(conn net.Conn) *Inflight {
 	r := &Inflight{Done: make(chan struct{})}
 	go func() {
 		defer close(r.Done)

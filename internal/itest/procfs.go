@@ -184,13 +184,19 @@ func HasSocketInode(pid int, inode uint64) bool {
 }
 
 // VmHWM returns the peak resident set size of pid in KiB.
-func VmHWM(pid int) (int64, bool) {
+func VmHWM(pid int) (int64, bool) { return statusKiB(pid, "VmHWM:") }
+
+// VmRSS returns the resident set size of pid in KiB.
+func VmRSS(pid int) (int64, bool) { return statusKiB(pid, "VmRSS:") }
+
+// statusKiB reads the field of /proc/PID/status named by key, in KiB.
+func statusKiB(pid int, key string) (int64, bool) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, false
 	}
 	for line := range strings.SplitSeq(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if rest, ok := strings.CutPrefix(line, key); ok {
 			f := strings.Fields(rest)
 			if len(f) > 0 {
 				n, err := strconv.ParseInt(f[0], 10, 64)

@@ -167,8 +167,19 @@ func (h *Runner) CheckHandoff(t testing.TB) {
 }
 
 // LoggedChildren returns every child PID handoff logged as started.
-func (h *Runner) LoggedChildren() []int {
-	ls, _ := h.Logs.Find(0, "child started", PIDIs(h.PID))
+func (h *Runner) LoggedChildren() []int { return LoggedChildren(h.Proc) }
+
+// Ours reports whether pid is alive and runs our script (its command line
+// names the temp dir), so that a recycled PID is never killed.
+func (h *Runner) Ours(pid int) bool { return RunsIn(pid, h.Dir) }
+
+// kill is the cleanup described at StartRunner.
+func (h *Runner) kill() { KillRun(h.tb, h.Proc, h.Dir) }
+
+// LoggedChildren returns the PIDs of every child that the handoff run p
+// logged as started.
+func LoggedChildren(p *Proc) []int {
+	ls, _ := p.Logs.Find(0, "child started", PIDIs(p.PID))
 	var out []int
 	for _, l := range ls {
 		if n, ok := l.Num("child_pid"); ok && n > 1 {
@@ -178,43 +189,47 @@ func (h *Runner) LoggedChildren() []int {
 	return out
 }
 
-// Ours reports whether pid is alive and runs our script (its command line
-// names the temp dir), so that a recycled PID is never killed.
-func (h *Runner) Ours(pid int) bool {
+// RunsIn reports whether pid is alive and its command line names dir (a
+// test's temp dir), so that a recycled PID is never killed.
+func RunsIn(pid int, dir string) bool {
 	if !Alive(pid) {
 		return false
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && bytes.Contains(b, []byte(h.Dir))
+	return err == nil && bytes.Contains(b, []byte(dir))
 }
 
-// kill is the cleanup described at StartRunner.
-func (h *Runner) kill() {
-	if h.Running() {
-		_ = syscall.Kill(h.PID, syscall.SIGSTOP)
-		kids := PIDs(Children(h.PID))
+// KillRun is the cleanup of a handoff run p whose children run from dir: with
+// handoff frozen (so that it starts no child meanwhile) every child's process
+// group is SIGKILLed, handoff is let go to reap them, frozen again, its group
+// killed (the Proc's kill); any child it ever logged that still runs goes
+// last, and tb fails if one is still alive 10 s later.
+func KillRun(tb testing.TB, p *Proc, dir string) {
+	if p.Running() {
+		_ = syscall.Kill(p.PID, syscall.SIGSTOP)
+		kids := PIDs(Children(p.PID))
 		for _, k := range kids {
 			KillGroup(k)
 		}
-		_ = syscall.Kill(h.PID, syscall.SIGCONT)
+		_ = syscall.Kill(p.PID, syscall.SIGCONT)
 		// handoff reaps its killed children (zombies keep their parent).
 		Poll(5*time.Second, func() bool {
-			for _, k := range Children(h.PID) {
+			for _, k := range Children(p.PID) {
 				if slices.Contains(kids, k.PID) {
 					return false
 				}
 			}
 			return true
 		})
-		_ = syscall.Kill(h.PID, syscall.SIGSTOP)
-		for _, k := range Children(h.PID) { // a restart started meanwhile
+		_ = syscall.Kill(p.PID, syscall.SIGSTOP)
+		for _, k := range Children(p.PID) { // a restart started meanwhile
 			KillGroup(k.PID)
 		}
 	}
-	h.Proc.Kill()
+	p.Kill()
 	var left []int
-	for _, pid := range h.LoggedChildren() {
-		if h.Ours(pid) {
+	for _, pid := range LoggedChildren(p) {
+		if RunsIn(pid, dir) {
 			KillGroup(pid)
 			left = append(left, pid)
 		}
@@ -227,7 +242,7 @@ func (h *Runner) kill() {
 		}
 		return true
 	}) {
-		h.tb.Errorf("children %v of handoff run still alive 10s after SIGKILL", left)
+		tb.Errorf("children %v of handoff run still alive 10s after SIGKILL", left)
 	}
 }
 

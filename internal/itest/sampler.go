@@ -2,6 +2,7 @@ package itest
 
 import (
 	"sync"
+	"testing"
 	"time"
 )
 
@@ -35,35 +36,50 @@ type MaxSampler[P any] struct {
 	MaxSeen []P // the sample that had them
 	Samples int // how many samples were taken
 
-	stopC chan struct{}
-	done  chan struct{}
-	stop  func()
+	stop func()
 }
 
 // StartMaxSampler calls sample every period until [MaxSampler.Stop].
 func StartMaxSampler[P any](every time.Duration, sample func() []P, pid func(P) int) *MaxSampler[P] {
-	g := &MaxSampler[P]{stopC: make(chan struct{}), done: make(chan struct{})}
-	g.stop = sync.OnceFunc(func() { close(g.stopC); <-g.done })
+	g := &MaxSampler[P]{}
+	var prev map[int]bool
+	g.stop = repeat(every, func() {
+		var ps []P
+		ps, prev = Steady(prev, sample(), pid)
+		g.Samples++
+		if len(ps) > g.Max {
+			g.Max, g.MaxSeen = len(ps), ps
+		}
+	})
+	return g
+}
+
+// Every calls f at once and then every period, in a goroutine of its own,
+// until the stop it returns is called (stop waits for the goroutine, and may
+// be called again) or tb ends.
+func Every(tb testing.TB, every time.Duration, f func()) (stop func()) {
+	stop = repeat(every, f)
+	tb.Cleanup(stop)
+	return stop
+}
+
+// repeat is Every without a test to end it.
+func repeat(every time.Duration, f func()) (stop func()) {
+	stopC, done := make(chan struct{}), make(chan struct{})
 	go func() {
-		defer close(g.done)
+		defer close(done)
 		tick := time.NewTicker(every)
 		defer tick.Stop()
-		var prev map[int]bool
 		for {
-			var ps []P
-			ps, prev = Steady(prev, sample(), pid)
-			g.Samples++
-			if len(ps) > g.Max {
-				g.Max, g.MaxSeen = len(ps), ps
-			}
+			f()
 			select {
-			case <-g.stopC:
+			case <-stopC:
 				return
 			case <-tick.C:
 			}
 		}
 	}()
-	return g
+	return sync.OnceFunc(func() { close(stopC); <-done })
 }
 
 // Stop ends the sampling and waits for the sampler's goroutine to return; it

@@ -1041,13 +1041,7 @@ func readResponse(br *bufio.Reader) (itest.Response, error) {
 	if err != nil {
 		return itest.Response{}, err
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return itest.Response{}, err
-	}
-	pid, _ := strconv.Atoi(resp.Header.Get("Handoff-Pid"))
-	return itest.Response{Status: resp.StatusCode, PID: pid, Version: resp.Header.Get("Handoff-Version"), Body: string(b)}, nil
+	return itest.ReadResponse(resp)
 }
 
 // sendSlow sends GET path (Connection: close) on each of reqs' connections,

@@ -16,7 +16,6 @@ package main_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -201,13 +200,7 @@ func faultGetUnix(sock, path string) (itest.Response, error) {
 	if err != nil {
 		return itest.Response{}, err
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return itest.Response{}, err
-	}
-	pid, _ := strconv.Atoi(resp.Header.Get("Handoff-Pid"))
-	return itest.Response{Status: resp.StatusCode, PID: pid, Version: resp.Header.Get("Handoff-Version"), Body: string(body)}, nil
+	return itest.ReadResponse(resp)
 }
 
 // faultSocketsServe asserts that the socket files exist and that the Unix

@@ -31,17 +31,19 @@ func Get(addr, path string) (Response, error) {
 	if err != nil {
 		return Response{}, err
 	}
+	return ReadResponse(resp)
+}
+
+// ReadResponse reads resp's body to its end, closes it, and returns the
+// Response.
+func ReadResponse(resp *http.Response) (Response, error) {
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
 		return Response{}, err
 	}
-	return toResponse(resp, body), nil
-}
-
-func toResponse(resp *http.Response, body []byte) Response {
 	pid, _ := strconv.Atoi(resp.Header.Get("Handoff-Pid"))
-	return Response{Status: resp.StatusCode, PID: pid, Version: resp.Header.Get("Handoff-Version"), Body: string(body)}
+	return Response{Status: resp.StatusCode, PID: pid, Version: resp.Header.Get("Handoff-Version"), Body: string(body)}, nil
 }
 
 // Inflight is a request started by [StartRequest]. Resp and Err are set once
@@ -97,17 +99,10 @@ func ReadInflight(conn net.Conn) *Inflight {
 	go func() {
 		defer close(r.Done)
 		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-		if err != nil {
-			r.Err = err
-			return
+		if err == nil {
+			r.Resp, err = ReadResponse(resp)
 		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil {
-			r.Err = err
-			return
-		}
-		r.Resp = toResponse(resp, body)
+		r.Err = err
 	}()
 	return r
 }

@@ -119,11 +119,18 @@ func testRecipe(t *testing.T, rc recipe) {
 
 	res, sent := load.Stop()
 	load.Check(t, res, sent)
+	// Every generation served the load. Not every child of it: with several
+	// instances on one socket the kernel may wake the same one for every
+	// fresh connection in the short life of a generation on a loaded host.
 	for g, pids := range gens {
+		answered := 0
 		for _, pid := range pids {
-			if ps, ok := itest.PIDStat(res, pid); !ok || ps.Count == 0 {
-				t.Errorf("generation %d: child %d answered no load-tool request", g+1, pid)
+			if ps, ok := itest.PIDStat(res, pid); ok {
+				answered += int(ps.Count)
 			}
+		}
+		if answered == 0 {
+			t.Errorf("generation %d (children %v) answered no load-tool request", g+1, pids)
 		}
 	}
 

@@ -243,6 +243,7 @@ func idleCount(s *Server) int { return stateCount(s, http.StateIdle) }
 func newCount(s *Server) int { return stateCount(s, http.StateNew) }
 
 func stateCount(s *Server, st http.ConnState) int {
+	s.init() // Serve may not have run it yet: the set of connections is made there
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0

@@ -550,12 +550,13 @@ type opsScrapeLoop struct {
 	backwards []string
 }
 
-// opsStartScrapeLoop starts scraping addr every 10ms.
+// opsStartScrapeLoop starts scraping addr every millisecond: an upgrade takes
+// a few, and the loop must see the endpoint across them.
 func opsStartScrapeLoop(addr string) *opsScrapeLoop {
 	l := &opsScrapeLoop{done: make(chan struct{}), finished: make(chan struct{})}
 	go func() {
 		defer close(l.finished)
-		tick := time.NewTicker(10 * time.Millisecond)
+		tick := time.NewTicker(time.Millisecond)
 		defer tick.Stop()
 		var prev map[string]float64
 		for {

@@ -255,6 +255,64 @@ func opsCheckGone(t *testing.T, paths ...string) {
 }
 
 // ---------------------------------------------------------------------------
+// The PID file's temporary files
+
+// TestPIDFileTemporaryFilesAreSwept: a new generation writes its PID file
+// beside the real one ahead of Ready (".handoff.pid.tmp-PID") and puts it in
+// place at Ready. One left by a process that died in between is removed at
+// the next start and after the next failed upgrade; a successful upgrade
+// leaves none.
+func TestPIDFileTemporaryFilesAreSwept(t *testing.T) {
+	dir := t.TempDir()
+	stale := func() string {
+		t.Helper()
+		cmd := exec.Command("true")
+		if err := cmd.Run(); err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, ".handoff.pid.tmp-"+strconv.Itoa(cmd.Process.Pid)) // a PID no process has
+		if err := os.WriteFile(p, []byte("1\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	temporaries := func() []string {
+		t.Helper()
+		m, err := filepath.Glob(filepath.Join(dir, ".handoff.pid.*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	s1 := stale()
+	s := itest.StartServer(t, itest.ServerOpts{Dir: dir})
+	if tmp := temporaries(); len(tmp) > 0 {
+		t.Errorf("after the first start: %v remain (%s was left by a dead process)", tmp, filepath.Base(s1))
+	}
+
+	p1 := s.LivePID()
+	p2 := s.GoodUpgrade(t, "v2", 2, "--wait")
+	if pid, err := itest.ReadPIDFile(s.PIDFile); err != nil || pid != p2 {
+		t.Errorf("after the upgrade from %d the PID file names %d (%v), want %d", p1, pid, err, p2)
+	}
+	if tmp := temporaries(); len(tmp) > 0 {
+		t.Errorf("after a successful upgrade: %v remain", tmp)
+	}
+
+	s2 := stale()
+	s.DeployFile(itest.Binary(t, "exit1"), 0o755)
+	if r := s.UpgradeCLI(t, "--wait"); r.Code != 1 {
+		t.Errorf("upgrade to exit1: exit %d, want 1\n%v", r.Code, r)
+	}
+	if tmp := temporaries(); len(tmp) > 0 {
+		t.Errorf("after a failed upgrade: %v remain (%s was left by a dead process)", tmp, filepath.Base(s2))
+	}
+	if pid, err := itest.ReadPIDFile(s.PIDFile); err != nil || pid != p2 {
+		t.Errorf("after the failed upgrade the PID file names %d (%v), want %d", pid, err, p2)
+	}
+}
+
+// ---------------------------------------------------------------------------
 // --metrics
 
 // TestMetrics: serve's /metrics answers throughout upgrades (one of them

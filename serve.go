@@ -97,6 +97,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		Version:        version,
 		ControlPath:    defaultControl(*controlPath, *pidFile),
 		InFlight:       srv.InFlight,
+		HandleSignals:  true,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")
@@ -119,7 +120,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 		return fail(stderr, code, "handoff serve: %v", err)
 	}
 	defer upg.Close()
-	upg.HandleSignals()
 	log := base.With("pid", os.Getpid(), "generation", upg.Generation())
 
 	httpSrv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)

@@ -171,13 +171,21 @@ func (u *Upgrader) tableflipUpgrade() error {
 func (u *Upgrader) captureStderr() (*stderrTee, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if err := u.passStderrLocked(); err != nil {
+		return nil, err
+	}
+	return captureStderr()
+}
+
+// passStderrLocked registers the real stderr with tableflip, once.
+func (u *Upgrader) passStderrLocked() error {
 	if !u.stderrPassed {
 		if err := u.tf.AddFile(stderrName, os.Stderr); err != nil {
-			return nil, fmt.Errorf("pass stderr: %w", err)
+			return fmt.Errorf("pass stderr: %w", err)
 		}
 		u.stderrPassed = true
 	}
-	return captureStderr()
+	return nil
 }
 
 // preflight runs the new binary with Options.Preflight.
@@ -223,9 +231,30 @@ func (u *Upgrader) preflight() error {
 	return &PreflightError{Status: status, Output: lines}
 }
 
+// childChannel returns the channels to the next generation, made at the first
+// attempt if warmUp has not made them.
 func (u *Upgrader) childChannel() (*childChannel, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	return u.childChannelLocked()
+}
+
+// warmUp makes, once this generation is ready, what the first attempt would
+// otherwise make on an upgrade's critical path: the channels to the next
+// generation and the registration of the real stderr. An error is left for
+// that attempt to meet and report.
+func (u *Upgrader) warmUp() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if isClosed(u.closingC) {
+		return // Close closes the channels under u.mu after closingC
+	}
+	if _, err := u.childChannelLocked(); err == nil {
+		u.passStderrLocked()
+	}
+}
+
+func (u *Upgrader) childChannelLocked() (*childChannel, error) {
 	if u.children == nil {
 		ch, err := newChildChannel(u.tf)
 		if err != nil {

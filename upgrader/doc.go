@@ -41,10 +41,10 @@
 //
 // A minimal server:
 //
-//	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid"})
+//	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid",
+//		HandleSignals: true}) // SIGHUP upgrades, SIGTERM/SIGINT stop
 //	if err != nil { ... }
 //	defer upg.Close()
-//	upg.HandleSignals() // SIGHUP upgrades, SIGTERM/SIGINT stop
 //	ln, err := upg.Listen("tcp", "127.0.0.1:8080")
 //	go srv.Serve(ln)
 //	if err := upg.Ready(); err != nil { ... }

@@ -3,7 +3,6 @@ package upgrader
 import (
 	"errors"
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 
@@ -66,10 +65,24 @@ func withStderr(err error, lines []string) error {
 	return err
 }
 
-var (
-	tfExited   = regexp.MustCompile(`^child pid=(\d+) exited(?:: (.*))?$`)
-	tfTimedOut = regexp.MustCompile(`^new child pid=(\d+) timed out$`)
-)
+// cutPID parses msg as prefix, a PID, and the rest, which it returns.
+// (Parsed by hand rather than with regexp: a package-level regexp is compiled
+// at every start of the binary, on the critical path of an upgrade.)
+func cutPID(msg, prefix string) (pid int, rest string, ok bool) {
+	s, ok := strings.CutPrefix(msg, prefix)
+	if !ok {
+		return 0, "", false
+	}
+	i := 0
+	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+		i++
+	}
+	pid, err := strconv.Atoi(s[:i])
+	if err != nil {
+		return 0, "", false
+	}
+	return pid, s[i:], true
+}
 
 // fromTableflip turns an error string of tableflip v1.2.3's Upgrade into one of
 // ours. tableflip returns only plain strings; this is the one place that reads them
@@ -79,9 +92,8 @@ func fromTableflip(err error) error {
 		return nil
 	}
 	msg := err.Error()
-	if m := tfExited.FindStringSubmatch(msg); m != nil {
-		pid, _ := strconv.Atoi(m[1])
-		status := m[2]
+	if pid, rest, ok := cutPID(msg, "child pid="); ok && (rest == " exited" || strings.HasPrefix(rest, " exited: ")) {
+		status := strings.TrimPrefix(strings.TrimPrefix(rest, " exited"), ": ")
 		if status == "" {
 			status = "exit status 0"
 		}
@@ -93,8 +105,7 @@ func fromTableflip(err error) error {
 		}
 		return &ExitError{PID: pid, Status: status, Code: code}
 	}
-	if m := tfTimedOut.FindStringSubmatch(msg); m != nil {
-		pid, _ := strconv.Atoi(m[1])
+	if pid, rest, ok := cutPID(msg, "new child pid="); ok && rest == " timed out" {
 		return &TimeoutError{PID: pid}
 	}
 	switch msg {

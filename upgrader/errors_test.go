@@ -28,6 +28,9 @@ func TestFromTableflip(t *testing.T) {
 		{"terminating", "stopping", nil},
 		{"already upgraded", "handed-off", nil},
 		{"can't start child: pipe failed: too many open files", "other", nil},
+		{"child pid= exited", "other", nil},
+		{"child pid=12 exitedx", "other", nil},
+		{"new child pid=13 timed out later", "other", nil},
 	} {
 		t.Run(tc.tableflip, func(t *testing.T) {
 			err := fromTableflip(errors.New(tc.tableflip))

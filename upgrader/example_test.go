@@ -16,13 +16,13 @@ import (
 // listener, opens its resources, says Ready; the old one then drains and exits.
 func Example() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid", Logger: log})
+	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid", Logger: log,
+		HandleSignals: true}) // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
 	if err != nil {
 		log.Error("cannot start", "error", err)
 		os.Exit(1)
 	}
-	defer upg.Close()   // last: removes the PID file after a final stop
-	upg.HandleSignals() // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
+	defer upg.Close() // last: removes the PID file after a final stop
 
 	ln, err := upg.Listen("tcp", "127.0.0.1:8080") // inherited after an upgrade
 	if err != nil {

@@ -29,7 +29,11 @@ func (u *Upgrader) Ready() error {
 			return
 		}
 		if u.opts.PIDFile != "" {
-			if err = pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
+			p := u.takePIDPrep()
+			if p == nil {
+				p = pidfile.Prepare(u.opts.PIDFile, os.Getpid())
+			}
+			if err = p.Commit(); err != nil {
 				return
 			}
 		}
@@ -41,6 +45,12 @@ func (u *Upgrader) Ready() error {
 			Moves: u.moved != nil}); err != nil {
 			u.log.Warn("cannot report to previous generation", "error", err)
 			err = nil
+		}
+		u.mu.Lock()
+		sigSet := u.sigSet
+		u.mu.Unlock()
+		if sigSet != nil {
+			<-sigSet // a SIGTERM once the previous generation hands over is handled
 		}
 		if err = u.tf.Ready(); err != nil {
 			err = fmt.Errorf("signal ready: %w", err)
@@ -64,6 +74,15 @@ func (u *Upgrader) Ready() error {
 				control.Serve(u.control, controller{u}, u.log)
 			}()
 		}
+		go func() {
+			// Once the previous generation has exited (no upgrade can start
+			// before), not while this one takes its first connections.
+			select {
+			case <-u.parentC:
+				u.warmUp()
+			case <-u.closingC:
+			}
+		}()
 	})
 	return err
 }
@@ -104,32 +123,54 @@ func (u *Upgrader) DrainContext(parent context.Context, timeout time.Duration) (
 
 // HandleSignals makes SIGHUP upgrade (queued while the previous generation
 // drains, ignored while an upgrade runs), the first SIGTERM or SIGINT Stop, and
-// the second close Forced. It returns at once; Close undoes it.
+// the second close Forced. It returns at once, and the handlers are in place
+// when Ready returns: their setup (the runtime starts a thread for signals)
+// runs meanwhile. Options.HandleSignals does the same from the start of New,
+// off an upgrade's critical path. Close undoes it.
 func (u *Upgrader) HandleSignals() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.sigC != nil {
 		return
 	}
-	u.sigC = make(chan os.Signal, 16)
-	signal.Notify(u.sigC, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	go func(c chan os.Signal) {
-		stops := 0
-		for sig := range c {
-			switch sig {
-			case syscall.SIGHUP:
-				go u.signalUpgrade()
-			default:
-				stops++
-				u.log.Info("stop requested", "signal", sig.String(), "count", stops)
-				if stops == 1 {
-					u.Stop()
-				} else {
-					u.forceOnce.Do(func() { close(u.forcedC) })
-				}
+	u.sigC, u.sigSet = notifySignals()
+	go u.handleSignals(u.sigC)
+}
+
+// notifySignals starts the Notify of HandleSignals in the background: sigSet
+// is closed once c receives the signals.
+func notifySignals() (c chan os.Signal, sigSet chan struct{}) {
+	c, sigSet = make(chan os.Signal, 16), make(chan struct{})
+	go func() {
+		signal.Notify(c, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+		close(sigSet)
+	}()
+	return c, sigSet
+}
+
+// stopSignals undoes notifySignals.
+func stopSignals(c chan os.Signal, sigSet chan struct{}) {
+	<-sigSet // Notify, then Stop: never the other way round
+	signal.Stop(c)
+	close(c)
+}
+
+func (u *Upgrader) handleSignals(c chan os.Signal) {
+	stops := 0
+	for sig := range c {
+		switch sig {
+		case syscall.SIGHUP:
+			go u.signalUpgrade()
+		default:
+			stops++
+			u.log.Info("stop requested", "signal", sig.String(), "count", stops)
+			if stops == 1 {
+				u.Stop()
+			} else {
+				u.forceOnce.Do(func() { close(u.forcedC) })
 			}
 		}
-	}(u.sigC)
+	}
 }
 
 func (u *Upgrader) signalUpgrade() {
@@ -201,11 +242,11 @@ func (u *Upgrader) Close() error {
 	u.closeOnce.Do(func() {
 		close(u.closingC)
 		u.mu.Lock()
-		if u.sigC != nil {
-			signal.Stop(u.sigC)
-			close(u.sigC)
-		}
+		sigC, sigSet := u.sigC, u.sigSet
 		u.mu.Unlock()
+		if sigC != nil {
+			stopSignals(sigC, sigSet)
+		}
 		u.Stop()
 		<-u.doneC
 		if u.finishing != nil {
@@ -228,10 +269,26 @@ func (u *Upgrader) Close() error {
 		u.moves.Close()
 		handed := u.handedTo != nil
 		u.mu.Unlock()
+		if p := u.takePIDPrep(); p != nil {
+			p.Discard() // never ready
+		}
 		if u.opts.PIDFile != "" && !handed {
 			err = pidfile.Remove(u.opts.PIDFile, os.Getpid())
 		}
 		u.log.Info("exiting")
 	})
 	return err
+}
+
+// takePIDPrep returns the PID file a new generation wrote ahead (New), once;
+// nil at first start, or once taken.
+func (u *Upgrader) takePIDPrep() *pidfile.Pending {
+	u.mu.Lock()
+	c := u.pidPrep
+	u.pidPrep = nil
+	u.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	return <-c
 }

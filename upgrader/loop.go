@@ -169,10 +169,12 @@ func (u *Upgrader) settle(o outcome) bool {
 	if o.err != nil {
 		u.log.Error("upgrade failed", "kind", control.KindOf(o.err), "error", o.err.Error())
 		if u.opts.PIDFile != "" {
-			// The new process may have written it before it failed to signal ready.
+			// The new process may have written it before it failed to signal
+			// ready, or left its temporary file if it was killed.
 			if err := pidfile.Write(u.opts.PIDFile, os.Getpid()); err != nil {
 				u.log.Error("cannot rewrite pid file", "error", err)
 			}
+			pidfile.Sweep(u.opts.PIDFile)
 		}
 		return false
 	}

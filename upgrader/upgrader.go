@@ -71,6 +71,11 @@ type Options struct {
 	// OnPreviousDrained, if set, is called in a new generation when its previous
 	// generation reports, with Drained, what its drain did.
 	OnPreviousDrained func(DrainReport)
+	// HandleSignals, if set, does what the method of that name does, from the
+	// start of New: the setup of the handlers is then off the critical path of
+	// an upgrade, and a SIGTERM that arrives while the generation starts is
+	// handled rather than killing it.
+	HandleSignals bool
 }
 
 // Result describes the generation that took over after a successful upgrade.
@@ -127,11 +132,26 @@ type Upgrader struct {
 	stderrPassed   bool       // the real stderr is registered with tableflip
 	lastTee        *stderrTee // the successful attempt\'s, until its copy is done
 	sigC           chan os.Signal
+	sigSet         chan struct{}         // closed once sigC is notified
+	pidPrep        chan *pidfile.Pending // a new generation's PID file, written ahead; taken by takePIDPrep
 }
 
 // New starts this process's generation: it inherits the previous generation's
 // listeners if there was one. Only one Upgrader may exist in a process.
-func New(opts Options) (*Upgrader, error) {
+func New(opts Options) (_ *Upgrader, err error) {
+	var (
+		pidPrep chan *pidfile.Pending
+		sigC    chan os.Signal
+		sigSet  chan struct{}
+	)
+	if opts.HandleSignals {
+		sigC, sigSet = notifySignals()
+		defer func() {
+			if err != nil {
+				stopSignals(sigC, sigSet)
+			}
+		}()
+	}
 	if opts.UpgradeTimeout <= 0 {
 		opts.UpgradeTimeout = DefaultUpgradeTimeout
 	}
@@ -153,8 +173,9 @@ func New(opts Options) (*Upgrader, error) {
 		if !filepath.IsAbs(opts.PIDFile) {
 			opts.PIDFile = filepath.Join(wd, opts.PIDFile)
 		}
-		// Checked at first start; a new generation (tableflip's marker is set)
-		// finds out at Ready, off the critical path of the upgrade.
+		// Checked at first start. A new generation (tableflip's marker is
+		// set) writes its file meanwhile, to rename it into place at Ready:
+		// off the critical path of the upgrade.
 		if os.Getenv(tableflipEnv) == "" {
 			if err := pidfile.CheckDir(opts.PIDFile); err != nil {
 				return nil, err
@@ -163,6 +184,15 @@ func New(opts Options) (*Upgrader, error) {
 				return nil, fmt.Errorf("%w %s: it names pid %d, which is running: another server was started with it",
 					ErrPIDFile, opts.PIDFile, pid)
 			}
+			pidfile.Sweep(opts.PIDFile)
+		} else {
+			pidPrep = make(chan *pidfile.Pending, 1)
+			go func(path string) { pidPrep <- pidfile.Prepare(path, os.Getpid()) }(opts.PIDFile)
+			defer func() {
+				if err != nil { // New failed: this generation never writes its PID file
+					(<-pidPrep).Discard()
+				}
+			}()
 		}
 	}
 
@@ -184,6 +214,9 @@ func New(opts Options) (*Upgrader, error) {
 	}
 
 	u := &Upgrader{
+		sigC:       sigC,
+		sigSet:     sigSet,
+		pidPrep:    pidPrep,
 		tf:         tf,
 		opts:       opts,
 		binary:     binary,
@@ -252,6 +285,9 @@ func New(opts Options) (*Upgrader, error) {
 		}()
 	} else {
 		close(u.parentC)
+	}
+	if sigC != nil {
+		go u.handleSignals(sigC)
 	}
 	go u.run()
 	return u, nil

@@ -4,10 +4,14 @@ package pidfile
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrPIDFile: the PID file cannot be written. Package upgrader re-exports it.
@@ -26,25 +30,103 @@ func CheckDir(path string) error {
 // Write writes pid to path atomically: a temporary file in the same directory,
 // renamed over path.
 func Write(path string, pid int) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
+	return Prepare(path, pid).Commit()
+}
+
+// Pending is a PID file written beside its path and not yet renamed into place:
+// the slow part of Write (create, write, chmod, close) done ahead, so that only
+// the rename remains on an upgrade's critical path.
+type Pending struct {
+	path, tmp string
+	err       error
+}
+
+// tmpName is the temporary file of pid for path. It is named after pid, so
+// that Sweep can find the one a process left when it died before Commit.
+func tmpName(path string, pid int) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+strconv.Itoa(pid))
+}
+
+// Prepare writes pid to a temporary file beside path; Commit renames it into
+// place and Discard removes it. An error is kept for Commit to return.
+func Prepare(path string, pid int) *Pending {
+	p := &Pending{path: path, tmp: tmpName(path, pid)}
+	f, err := os.OpenFile(p.tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if errors.Is(err, fs.ErrExist) {
+		// Left by an earlier process with this PID that died before its
+		// Commit: the PID is this process's now.
+		os.Remove(p.tmp)
+		f, err = os.OpenFile(p.tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	}
-	defer os.Remove(f.Name())
+	if err != nil {
+		p.err = fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
+		return p
+	}
 	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
 	if err == nil {
-		err = f.Chmod(0o644)
+		err = f.Chmod(0o644) // whatever the umask
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
 	if err != nil {
-		return fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
+		os.Remove(p.tmp)
+		p.err = fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
+	}
+	return p
+}
+
+// Commit puts the prepared file in place of path, atomically.
+//
+// It exchanges the two files (renameat2 RENAME_EXCHANGE) and removes the old
+// one, rather than renaming over path: ext4 (auto_da_alloc) writes a file's
+// data out before it lets a rename replace another file with it, which made
+// the rename take 0.1 to 0.4 ms, on the critical path of an upgrade; the
+// exchange does not. Where there is no file yet, or the filesystem cannot
+// exchange, it renames.
+func (p *Pending) Commit() error {
+	if p.err != nil {
+		return p.err
+	}
+	if unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.path, unix.RENAME_EXCHANGE) == nil {
+		os.Remove(p.tmp) // the previous PID file, now under the temporary name
+		return nil
+	}
+	if err := os.Rename(p.tmp, p.path); err != nil {
+		os.Remove(p.tmp)
+		return fmt.Errorf("%w %s: %w", ErrPIDFile, p.path, err)
 	}
 	return nil
+}
+
+// Discard removes the prepared file, if Commit has not renamed it.
+func (p *Pending) Discard() {
+	if p.err == nil {
+		os.Remove(p.tmp)
+	}
+}
+
+// Sweep removes the temporary files beside path that processes which no
+// longer run left there (killed between Prepare and Commit).
+func Sweep(path string) {
+	prefix := "." + filepath.Base(path) + ".tmp-"
+	entries, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok {
+			continue
+		}
+		pid, err := strconv.Atoi(rest)
+		if err != nil || pid <= 0 || pid == os.Getpid() {
+			continue
+		}
+		if syscall.Kill(pid, 0) == syscall.ESRCH {
+			os.Remove(filepath.Join(filepath.Dir(path), e.Name()))
+		}
+	}
 }
 
 // Remove removes path if it still names pid: a generation that handed off must

@@ -2,7 +2,9 @@ package upgrader
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"syscall"
@@ -65,48 +67,101 @@ func scrubInherited(tf *tableflip.Upgrader) {
 
 // parentChannel is this generation's end of the channel to its parent; nil at
 // first start.
-type parentChannel struct{ conn *net.UnixConn }
+type parentChannel struct {
+	f    *os.File      // the descriptor, until open makes conn of it
+	conn *net.UnixConn // nil if open failed; set before sent is closed
+	sent chan struct{} // closed once open has run and sent the started message (or failed)
+}
 
 // claimParentChannel takes the channel from the parent, if there is one, and
-// reads the hello that was queued on it before the fork.
+// reads the hello that was queued on it before the fork. It reads from the
+// descriptor directly: net.FileConn (half a dozen syscalls) waits for open,
+// which runs in the background, off the critical path of the upgrade.
 func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 	f, err := tf.File(channelName)
 	if err != nil || f == nil {
 		return nil, hello{}, err
 	}
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, hello{}, fmt.Errorf("open parent channel: %w", err)
-	}
-	conn := c.(*net.UnixConn)
-	var h hello
+	p := &parentChannel{f: f, sent: make(chan struct{})}
 	buf := make([]byte, maxMessage)
-	conn.SetReadDeadline(time.Now().Add(time.Second))
-	n, err := conn.Read(buf)
-	conn.SetReadDeadline(time.Time{})
+	n, err := recvFile(f, buf)
+	if err != nil { // not queued yet: wait for it, a second at most
+		if err = p.dial(); err == nil {
+			p.conn.SetReadDeadline(time.Now().Add(time.Second))
+			n, err = p.conn.Read(buf)
+			p.conn.SetReadDeadline(time.Time{})
+		}
+	}
+	var h hello
+	if err == nil {
+		if err = json.Unmarshal(buf[:n], &h); err != nil {
+			err = fmt.Errorf("decode hello from parent: %w", err)
+		}
+	} else {
+		err = fmt.Errorf("read hello from parent: %w", err)
+	}
 	if err != nil {
-		conn.Close()
-		return nil, hello{}, fmt.Errorf("read hello from parent: %w", err)
+		p.discard()
+		return nil, hello{}, err
 	}
-	if err := json.Unmarshal(buf[:n], &h); err != nil {
-		conn.Close()
-		return nil, hello{}, fmt.Errorf("decode hello from parent: %w", err)
-	}
-	return &parentChannel{conn: conn}, h, nil
+	return p, h, nil
 }
 
-// sendStarted tells the parent this process's PID and that it understands an
-// abort message.
-func (p *parentChannel) sendStarted() error {
-	b, _ := json.Marshal(report{Type: msgStarted, PID: os.Getpid()})
-	_, err := p.conn.Write(b)
-	return err
+// recvFile reads one message from f without waiting and without changing the
+// descriptor's mode (Fd would make it blocking for the parent's copy too).
+func recvFile(f *os.File, buf []byte) (int, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := raw.Control(func(fd uintptr) {
+		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+	}); err != nil {
+		return 0, err
+	}
+	return n, rerr
 }
 
-// watch calls onAbort when the parent gives up on this process; it returns
-// when the channel is closed (at Ready, by sendReport).
-func (p *parentChannel) watch(onAbort func()) {
+// dial makes conn of f.
+func (p *parentChannel) dial() error {
+	if p.conn != nil {
+		return nil
+	}
+	c, err := net.FileConn(p.f)
+	p.f.Close()
+	if err != nil {
+		return fmt.Errorf("open parent channel: %w", err)
+	}
+	p.conn = c.(*net.UnixConn)
+	return nil
+}
+
+// discard closes the channel of a New that failed.
+func (p *parentChannel) discard() {
+	if p.conn != nil {
+		p.conn.Close()
+	} else {
+		p.f.Close()
+	}
+}
+
+// open makes the connection, tells the parent this process's PID and that it
+// understands an abort message, then calls onAbort if the parent gives up on
+// this process. It returns when the channel is closed (at Ready, by
+// sendReport).
+func (p *parentChannel) open(log *slog.Logger, onAbort func()) {
+	err := p.dial()
+	if err == nil {
+		b, _ := json.Marshal(report{Type: msgStarted, PID: os.Getpid()})
+		_, err = p.conn.Write(b)
+	}
+	close(p.sent)
+	if err != nil {
+		log.Warn("cannot tell the previous generation this one started", "error", err)
+		return
+	}
 	buf := make([]byte, maxMessage)
 	for {
 		n, err := p.conn.Read(buf)
@@ -120,16 +175,23 @@ func (p *parentChannel) watch(onAbort func()) {
 	}
 }
 
-// close ends watch; it may be called more than once.
+// close ends open; it may be called more than once.
 func (p *parentChannel) close() {
 	if p != nil {
-		p.conn.Close()
+		<-p.sent
+		if p.conn != nil {
+			p.conn.Close()
+		}
 	}
 }
 
 func (p *parentChannel) sendReport(r report) error {
 	if p == nil {
 		return nil
+	}
+	<-p.sent // the started message first, as the parent reads them
+	if p.conn == nil {
+		return errors.New("no channel to the previous generation")
 	}
 	b, _ := json.Marshal(r)
 	_, err := p.conn.Write(b)

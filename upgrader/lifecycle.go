@@ -160,7 +160,7 @@ func (u *Upgrader) handleSignals(c chan os.Signal) {
 	for sig := range c {
 		switch sig {
 		case syscall.SIGHUP:
-			go u.signalUpgrade()
+			u.signalUpgrade()
 		default:
 			stops++
 			u.log.Info("stop requested", "signal", sig.String(), "count", stops)
@@ -173,9 +173,23 @@ func (u *Upgrader) handleSignals(c chan os.Signal) {
 	}
 }
 
+// signalUpgrade asks the run loop for an upgrade and does not wait for the
+// verdict (the reply channel is buffered). The request is handed to the loop
+// from this goroutine when the loop waits for one, as it nearly always does: a
+// goroutine started for it would be one more wake-up on the critical path of
+// the upgrade, which a loaded machine can make long.
 func (u *Upgrader) signalUpgrade() {
-	// Queued requests are answered when the loop ends, so this never outlives it.
-	_, _ = u.request(context.Background(), gate.Signal, true)
+	req := request{ctx: context.Background(), trigger: gate.Signal, wait: true, reply: make(chan outcome, 1)}
+	select {
+	case u.requests <- req:
+	default:
+		go func() {
+			select {
+			case u.requests <- req:
+			case <-u.doneC:
+			}
+		}()
+	}
 }
 
 // Stop ends upgrades and closes Done at once, so that the drain can start: a

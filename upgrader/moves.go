@@ -73,6 +73,10 @@ func (m *movesOut) Close() {
 
 // claimMoves takes the moves channel a parent passed, if it did, and feeds
 // what arrives to a listener. It returns nil without one.
+//
+// The channel is opened in the background (net.FileConn is half a dozen
+// syscalls), off the critical path of the upgrade: connections move only once
+// this generation is ready, long after.
 func (u *Upgrader) claimMoves() (*moved.Listener, error) {
 	if !takesMoves {
 		return nil, nil
@@ -81,13 +85,18 @@ func (u *Upgrader) claimMoves() (*moved.Listener, error) {
 	if err != nil || f == nil {
 		return nil, err
 	}
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("open moves channel: %w", err)
-	}
 	ln := moved.New(&net.UnixAddr{Name: "moved-from-previous-generation", Net: "unix"})
-	go u.receiveMoves(c.(*net.UnixConn), ln)
+	go func() {
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			// The previous generation's moves fail, and it falls back to
+			// closing those connections once they are quiet.
+			u.log.Warn("cannot take moved connections", "error", fmt.Errorf("open moves channel: %w", err))
+			return
+		}
+		u.receiveMoves(c.(*net.UnixConn), ln)
+	}()
 	return ln, nil
 }
 

@@ -251,11 +251,7 @@ func New(opts Options) (_ *Upgrader, err error) {
 		u.log.Warn("cannot take moved connections", "error", err)
 	}
 	if u.parent != nil {
-		if err := u.parent.sendStarted(); err != nil {
-			u.log.Warn("cannot tell the previous generation this one started", "error", err)
-		} else {
-			go u.parent.watch(u.abandoned)
-		}
+		go u.parent.open(u.log, u.abandoned) // off the critical path: it only matters if this one is given up on
 	}
 	if os.Getpid() == 1 {
 		u.log.Warn("running as PID 1: after a handoff this process exits and the container ends with it; " +

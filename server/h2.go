@@ -43,6 +43,11 @@ func (s *Server) setupHTTP2() error {
 				c.mu.Lock()
 				c.http2, c.movable, c.http2At = true, false, time.Now()
 				c.mu.Unlock()
+				s.mu.Lock()
+				if _, ok := s.conns[c]; ok { // not already forgotten
+					s.h2conns[c] = struct{}{}
+				}
+				s.mu.Unlock()
 			}
 			serve(hs, tc, h)
 		}
@@ -77,9 +82,9 @@ func (s *Server) goAway() int {
 	settled := time.Now().Add(-pollInterval)
 	var tell []*conn
 	s.mu.Lock()
-	for c := range s.conns {
+	for c := range s.h2conns { // not every connection: a drain at scale has few of these
 		c.mu.Lock()
-		if c.http2 && !c.toldAway && !c.http2At.After(settled) {
+		if !c.toldAway && !c.http2At.After(settled) {
 			tell = append(tell, c)
 		}
 		c.mu.Unlock()
@@ -91,11 +96,14 @@ func (s *Server) goAway() int {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel() // only its hooks matter: it tracks no connection
 	s.h2.Shutdown(ctx)
+	s.mu.Lock()
 	for _, c := range tell {
 		c.mu.Lock()
 		c.toldAway = true
 		c.mu.Unlock()
+		delete(s.h2conns, c)
 	}
+	s.mu.Unlock()
 	return len(tell)
 }
 

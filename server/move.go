@@ -238,16 +238,19 @@ func isTimeout(err error) bool {
 	return ok && ne.Timeout()
 }
 
-// moveIdle moves every connection waiting for a request to the next
+// moveIdle moves up to limit connections waiting for a request to the next
 // generation, in batches; those that cannot move stay. It returns how many
-// moved.
-func (s *Server) moveIdle(m Mover) (moved int) {
+// moved. It stops looking at connections once it has found limit: a pass costs
+// nothing per connection left.
+func (s *Server) moveIdle(m Mover, limit int) (moved int) {
 	st := &steal{offers: make(chan offer), done: make(chan struct{})}
 	s.mu.Lock()
 	var asked []*conn
 	for c := range s.conns {
 		if c.requestMove(st) {
-			asked = append(asked, c)
+			if asked = append(asked, c); len(asked) == limit {
+				break
+			}
 		}
 	}
 	s.mu.Unlock()

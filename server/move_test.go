@@ -288,3 +288,69 @@ func TestDrainToCountsMovedNewConnectionsOnceWithH2C(t *testing.T) {
 	}
 	assert.ErrorIs(t, <-done, ErrDraining)
 }
+
+// batchMover records the size of every batch it moves.
+type batchMover struct {
+	*pairMover
+	calls, largest atomic.Int64
+}
+
+func (b *batchMover) Move(fds []int) error {
+	b.calls.Add(1)
+	for {
+		l := b.largest.Load()
+		if int64(len(fds)) <= l || b.largest.CompareAndSwap(l, int64(len(fds))) {
+			break
+		}
+	}
+	return b.pairMover.Move(fds)
+}
+
+// Idle connections move a few at a time (MoveRate), not all at once; a drain
+// whose deadline leaves too little time for that rate moves faster, and still
+// moves every one.
+func TestDrainToPacesMoves(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		rate       int
+		timeout    time.Duration
+		wantMax    int64 // the largest batch may be at most this (0: no bound)
+		wantBigger bool  // some batch must be larger than the rate allows
+	}{
+		{"at its rate", 400, 10 * time.Second, 2, false}, // 2 per 5 ms pass
+		{"faster for its deadline", 1, 40 * time.Millisecond, 0, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			a, addr := start(t, whoHandler("old"), time.Hour)
+			a.MoveRate = c.rate
+			_, pm := startMoved(t, "new")
+			mover := &batchMover{pairMover: pm}
+			var clients []*rawConn
+			for range 20 {
+				cl := rawDial(t, addr)
+				body, _ := cl.get(t)
+				require.Equal(t, "old", body)
+				clients = append(clients, cl)
+			}
+			eventually(t, func() bool { return idleCount(a) == 20 }, "20 idle connections")
+
+			ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+			defer cancel()
+			rep, err := a.DrainTo(ctx, mover)
+			require.NoError(t, err)
+			assert.Equal(t, 20, rep.Moved)
+			assert.Zero(t, rep.ClosedIdle+rep.Cut)
+			if c.wantMax > 0 {
+				assert.LessOrEqual(t, mover.largest.Load(), c.wantMax, "the largest batch")
+				assert.GreaterOrEqual(t, mover.calls.Load(), int64(10), "batches")
+			}
+			if c.wantBigger {
+				assert.Greater(t, mover.largest.Load(), int64(1), "the largest batch, at a rate of 1 per pass")
+			}
+			for i, cl := range clients {
+				body, _ := cl.get(t)
+				assert.Equal(t, "new", body, "client %d", i)
+			}
+		})
+	}
+}

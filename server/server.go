@@ -45,6 +45,7 @@ const (
 	DefaultIdleTimeout       = 120 * time.Second
 	DefaultIdleGrace         = 250 * time.Millisecond
 	DefaultAfterCut          = time.Second
+	DefaultMoveRate          = 1000
 )
 
 // pollInterval is how often Drain looks at the connections it waits for.
@@ -71,6 +72,12 @@ type Server struct {
 	// cancelled, or of hijacked connections) to return. Zero means
 	// DefaultAfterCut. Report.Running counts those that did not.
 	AfterCut time.Duration
+	// MoveRate is how many idle connections per second DrainTo moves to the
+	// next generation, at most: each costs both processes some CPU (about
+	// 20 µs), and moving thousands at once delays the requests being served
+	// meanwhile. The drain moves faster when it must, to be done by half of
+	// its context's deadline. Zero means DefaultMoveRate.
+	MoveRate int
 	// Logger receives net/http's own error lines. Nil means none.
 	Logger *slog.Logger
 	// HTTP, if set, is the http.Server to serve with, and every one of its
@@ -98,6 +105,7 @@ type Server struct {
 	drainStart   time.Time
 	listeners    map[*listener]struct{}
 	conns        map[*conn]struct{}
+	h2conns      map[*conn]struct{} // the HTTP/2 ones not yet sent GOAWAY (goAway)
 	onDrain      []func()
 	closedSelf   int // connections that closed on their own during the drain
 	closedIdle   int // idle connections the drain closed
@@ -148,6 +156,7 @@ func (s *Server) init() {
 		s.idle = make(chan struct{}, 1)
 		s.listeners = make(map[*listener]struct{})
 		s.conns = make(map[*conn]struct{})
+		s.h2conns = make(map[*conn]struct{})
 	})
 }
 
@@ -267,14 +276,26 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	var err error
+	var lastQuiet, moveBy time.Time
+	if deadline, ok := ctx.Deadline(); ok {
+		moveBy = s.drainStart.Add(deadline.Sub(s.drainStart) / 2)
+	}
 	for {
 		rep.HTTP2 += s.goAway()
 		if m != nil {
 			// Every pass: a connection that becomes idle later (its answer was
 			// still being written when the drain began) moves too.
-			rep.Moved += s.moveIdle(m)
+			rep.Moved += s.moveIdle(m, s.moveChunk(moveBy))
 		}
-		if s.closeQuiet(grace, &rep) == 0 {
+		// Closing quiet connections looks at every one. While connections
+		// move, the rule is steady state's (IdleTimeout, minutes): once a
+		// second is often enough, and the passes between cost nothing per
+		// connection.
+		left := s.count()
+		if grace >= 0 || time.Since(lastQuiet) >= time.Second {
+			left, lastQuiet = s.closeQuiet(grace, &rep), time.Now()
+		}
+		if left == 0 {
 			break
 		}
 		select {
@@ -344,9 +365,38 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 	for _, c := range closed {
 		if _, ok := s.conns[c]; ok {
 			delete(s.conns, c)
+			delete(s.h2conns, c)
 			s.closedIdle++
 		}
 	}
+	return len(s.conns)
+}
+
+// moveChunk is how many connections one pass of DrainTo asks to move:
+// MoveRate's share of a pass, or more if that would not move every connection
+// by moveBy (half-way from the drain's start to its deadline; zero without
+// one).
+func (s *Server) moveChunk(moveBy time.Time) int {
+	rate := s.MoveRate
+	if rate <= 0 {
+		rate = DefaultMoveRate
+	}
+	n := max(1, int(int64(rate)*int64(pollInterval)/int64(time.Second)))
+	if !moveBy.IsZero() {
+		passes := int(time.Until(moveBy) / pollInterval)
+		if left := s.count(); passes < 1 {
+			n = max(n, left)
+		} else {
+			n = max(n, (left+passes-1)/passes)
+		}
+	}
+	return n
+}
+
+// count returns how many connections are tracked.
+func (s *Server) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return len(s.conns)
 }
 
@@ -358,6 +408,7 @@ func (s *Server) closeAll() int {
 	for c := range s.conns {
 		c.cut()
 		delete(s.conns, c)
+		delete(s.h2conns, c)
 		n++
 	}
 	return n
@@ -384,6 +435,7 @@ func (s *Server) forget(c *conn) {
 		return
 	}
 	delete(s.conns, c)
+	delete(s.h2conns, c)
 	switch {
 	case !s.draining.Load():
 	case c.state() == http.StateHijacked:

@@ -84,8 +84,8 @@ func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 	}
 	p := &parentChannel{f: f, sent: make(chan struct{})}
 	buf := make([]byte, maxMessage)
-	n, err := recvFile(f, buf)
-	if err != nil { // not queued yet: wait for it, a second at most
+	n, err := recvNow(f, buf) // not Fd: it would make the descriptor blocking for the parent's copy too
+	if err != nil {           // not queued yet: wait for it, a second at most
 		if err = p.dial(); err == nil {
 			p.conn.SetReadDeadline(time.Now().Add(time.Second))
 			n, err = p.conn.Read(buf)
@@ -105,23 +105,6 @@ func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 		return nil, hello{}, err
 	}
 	return p, h, nil
-}
-
-// recvFile reads one message from f without waiting and without changing the
-// descriptor's mode (Fd would make it blocking for the parent's copy too).
-func recvFile(f *os.File, buf []byte) (int, error) {
-	raw, err := f.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var n int
-	var rerr error
-	if err := raw.Control(func(fd uintptr) {
-		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
-	}); err != nil {
-		return 0, err
-	}
-	return n, rerr
 }
 
 // dial makes conn of f.
@@ -327,11 +310,12 @@ func discard(conn *net.UnixConn) {
 	}
 }
 
-// recvNow reads the datagram waiting on conn, if there is one, without
-// waiting. (A read with a deadline already past would not do: Go's poller
-// answers it with a timeout without reading at all.)
-func recvNow(conn *net.UnixConn, buf []byte) (int, error) {
-	raw, err := conn.SyscallConn()
+// recvNow reads the datagram waiting on c, if there is one, without waiting
+// and without changing the descriptor's mode. (A read with a deadline already
+// past would not do: Go's poller answers it with a timeout without reading at
+// all.)
+func recvNow(c syscall.Conn, buf []byte) (int, error) {
+	raw, err := c.SyscallConn()
 	if err != nil {
 		return 0, err
 	}

@@ -464,6 +464,38 @@ func TestFaultServeNewGenerationNeverReady(t *testing.T) {
 	}
 }
 
+// C2. A stop (SIGTERM) that reaches a new generation before its Ready: Ready
+// fails, so the old generation does not hand over to a process that is about
+// to drain and exit; it serves on, and the PID file still names it.
+func TestFaultServeStopBeforeReady(t *testing.T) {
+	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "30s", DrainTimeout: "10s"})
+	p1 := s.LivePID()
+	mark := s.Logs.Mark()
+	faultScript(t, s.Live, fmt.Sprintf("exec %q \"$@\" --notready-mode ready-on-usr1\n", itest.Binary(t, "notready")))
+	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
+	w := s.Logs.Wait(t, mark, "waiting for SIGUSR1 to call Ready", nil, 15*time.Second)
+	newPID := w.PID()
+	if newPID <= 1 || newPID == p1 {
+		t.Fatalf("the waiting line names pid %d: %s", newPID, w.Raw)
+	}
+	s.Signal(newPID, syscall.SIGTERM)
+	s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
+	s.Signal(newPID, syscall.SIGUSR1)
+	if l := s.Logs.Wait(t, mark, "ready failed", itest.PIDIs(newPID), 10*time.Second); !strings.Contains(l.Str("error"), "stop requested before ready") {
+		t.Errorf("Ready after a stop: %s, want an error \"stop requested before ready\"", l.Raw)
+	}
+	r := bg.Wait(t, 30*time.Second)
+	if r.Code != 1 || !strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving\n", p1)) {
+		t.Errorf("handoff upgrade: exit %d, want 1 and \"pid %d keeps serving\"\n%v", r.Code, p1, r)
+	}
+	itest.Eventually(t, 10*time.Second, func() bool { return !itest.Alive(newPID) }, "the stopped new process %d to exit", newPID)
+	if pid, err := itest.ReadPIDFile(s.PIDFile); err != nil || pid != p1 {
+		t.Errorf("the PID file names %d (%v), want %d", pid, err, p1)
+	}
+	s.CheckOneProcess(t, p1)
+	s.WaitServing(p1, "v1", 5*time.Second)
+}
+
 // ---------------------------------------------------------------------------
 // D. handoff serve --preflight: SIGTERM while the preflight check of the new
 // binary hangs (--upgrade-timeout 60s). The server drains and exits 0 within

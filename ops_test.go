@@ -258,7 +258,7 @@ func opsCheckGone(t *testing.T, paths ...string) {
 // The PID file's temporary files
 
 // TestPIDFileTemporaryFilesAreSwept: a new generation writes its PID file
-// beside the real one ahead of Ready (".handoff.pid.tmp-PID") and puts it in
+// beside the real one ahead of Ready (".handoff.pid.tmp-PID-RANDOM") and puts it in
 // place at Ready. One left by a process that died in between is removed at
 // the next start and after the next failed upgrade; a successful upgrade
 // leaves none.
@@ -270,7 +270,7 @@ func TestPIDFileTemporaryFilesAreSwept(t *testing.T) {
 		if err := cmd.Run(); err != nil {
 			t.Fatal(err)
 		}
-		p := filepath.Join(dir, ".handoff.pid.tmp-"+strconv.Itoa(cmd.Process.Pid)) // a PID no process has
+		p := filepath.Join(dir, ".handoff.pid.tmp-"+strconv.Itoa(cmd.Process.Pid)+"-left") // a PID no process has
 		if err := os.WriteFile(p, []byte("1\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}

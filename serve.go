@@ -37,6 +37,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	tlsCert := fs.String("tls-cert", "", "serve HTTPS (and HTTP/2) on every --listen with this certificate (PEM); read by each generation, so an upgrade rotates it")
 	tlsKey := fs.String("tls-key", "", "the key of --tls-cert (PEM)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
+	moveRate := fs.Int("move-rate", server.DefaultMoveRate, "idle keep-alive connections moved to the new generation per second at a handoff (0: all at once)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -45,6 +46,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	if *upgradeTimeout <= 0 || *drainTimeout <= 0 {
 		return fail(stderr, exitUsage, "handoff serve: --upgrade-timeout and --drain-timeout must be positive")
+	}
+	if *moveRate < 0 {
+		return fail(stderr, exitUsage, "handoff serve: --move-rate must be 0 (all at once) or positive")
 	}
 	base, err := newLogger(*logFormat, stderr)
 	if err != nil {
@@ -88,7 +92,10 @@ func serveCmd(args []string, stderr io.Writer) int {
 		p.SetUnencryptedHTTP2(true)
 		httpSrv.Protocols = &p
 	}
-	srv := &server.Server{HTTP: httpSrv}
+	srv := &server.Server{HTTP: httpSrv, MoveRate: *moveRate}
+	if *moveRate == 0 {
+		srv.MoveRate = -1
+	}
 	srv.RegisterOnDrain(hub.closeAll)
 	opts := upgrader.Options{
 		PIDFile:        *pidFile,

@@ -110,11 +110,21 @@ func TestOutputParsesAndCounts(t *testing.T) {
 		t.Errorf("upgrade durations: %d, want 1", n)
 	}
 
-	for _, name := range []string{"go_goroutines", "go_threads", "go_memstats_alloc_bytes",
-		"process_resident_memory_bytes", "process_open_fds", "process_max_fds"} {
+	// client_golang's names, which dashboards use.
+	for _, name := range []string{"go_goroutines", "go_threads", "go_memstats_alloc_bytes", "go_memstats_heap_alloc_bytes",
+		"go_memstats_alloc_bytes_total", "go_memstats_mallocs_total", "go_memstats_sys_bytes", "go_memstats_next_gc_bytes",
+		"go_sched_gomaxprocs_threads", "go_gc_gomemlimit_bytes", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+		"process_virtual_memory_max_bytes", "process_open_fds", "process_max_fds"} {
 		if v := value(t, fams, name, ""); v <= 0 {
 			t.Errorf("%s = %v, want > 0", name, v)
 		}
+	}
+	if typ := fams["go_gc_duration_seconds"].GetType(); typ != dto.MetricType_SUMMARY ||
+		len(fams["go_gc_duration_seconds"].Metric[0].GetSummary().GetQuantile()) != 5 {
+		t.Errorf("go_gc_duration_seconds: %v, want a summary of 5 quantiles", fams["go_gc_duration_seconds"])
+	}
+	if _, ok := fams["process_network_receive_bytes_total"]; !ok {
+		t.Error("no process_network_receive_bytes_total")
 	}
 	if v := value(t, fams, "process_cpu_seconds_total", ""); v < 0 {
 		t.Errorf("process_cpu_seconds_total = %v", v)

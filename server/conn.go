@@ -2,6 +2,7 @@ package server
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -172,11 +173,14 @@ func pending(nc net.Conn) bool {
 	return n > 0
 }
 
-// responseWriter adds "Connection: close" to answers given while draining.
+// responseWriter adds "Connection: close" to answers given while draining,
+// except, while DrainTo moves connections, on one that can move: it moves once
+// it waits for its next request, rather than make its client connect again.
 type responseWriter struct {
 	http.ResponseWriter
 	s           *Server
 	h1          bool // HTTP/1.x: "Connection: close" applies (HTTP/2 drains with GOAWAY)
+	ctx         context.Context
 	wroteHeader bool
 	hijacked    bool
 }
@@ -186,9 +190,23 @@ func (w *responseWriter) beforeHeader() {
 		return
 	}
 	w.wroteHeader = true
-	if w.h1 && w.s.draining.Load() {
+	if w.h1 && w.s.draining.Load() && !w.willMove() {
 		w.Header().Set("Connection", "close")
 	}
+}
+
+// willMove reports whether the answer's connection stays open to move.
+func (w *responseWriter) willMove() bool {
+	if !w.s.moving.Load() {
+		return false
+	}
+	c, _ := w.ctx.Value(connKey{}).(*conn)
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.movable && !c.closed
 }
 
 func (w *responseWriter) WriteHeader(code int) {

@@ -10,6 +10,9 @@ import (
 
 // A Mover carries connections to the next generation of the server, which
 // serves them as if it had accepted them (package upgrader's Upgrader.Mover).
+// One that also has a method Moves() bool reporting false moves nothing:
+// DrainTo then keeps idle connections as steady state would, and its answers
+// close their connections (a next generation that takes none).
 type Mover interface {
 	// Move passes the descriptors (at most MaxMoveBatch) in one message; on
 	// success the receiver owns its own copies of every one of them, and the
@@ -83,13 +86,16 @@ func (c *conn) SetDeadline(t time.Time) error {
 	return c.SetReadDeadline(t)
 }
 
-// endSteal gives the connection its own read deadline back; it stays here.
-func (c *conn) endSteal() {
+// endSteal gives the connection its own read deadline back; it stays here,
+// for good if stay is set.
+func (c *conn) endSteal(stay bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stealing.Load() != nil {
 		c.stealing.Store(nil)
-		c.movable = false
+		if stay {
+			c.movable = false
+		}
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
 }
@@ -211,7 +217,10 @@ func (c *conn) answer(st *steal, fd int) bool {
 	}
 	c.mu.Unlock()
 	if !moved {
-		c.endSteal()
+		// A move that failed leaves the connection here for good; one that
+		// was not offered (a request arriving, bytes buffered) may move at a
+		// later pass, once it waits for its next request again.
+		c.endSteal(fd >= 0)
 	}
 	return moved
 }
@@ -240,9 +249,9 @@ func isTimeout(err error) bool {
 
 // moveIdle moves up to limit connections waiting for a request to the next
 // generation, in batches; those that cannot move stay. It returns how many
-// moved. It stops looking at connections once it has found limit: a pass costs
+// moved, and whether a move failed. It stops looking at connections once it has found limit: a pass costs
 // nothing per connection left.
-func (s *Server) moveIdle(m Mover, limit int) (moved int) {
+func (s *Server) moveIdle(m Mover, limit int) (moved int, failed bool) {
 	st := &steal{offers: make(chan offer), done: make(chan struct{})}
 	s.mu.Lock()
 	var asked []*conn
@@ -255,7 +264,7 @@ func (s *Server) moveIdle(m Mover, limit int) (moved int) {
 	}
 	s.mu.Unlock()
 	if len(asked) == 0 {
-		return 0
+		return 0, false
 	}
 	var batch []offer
 	flush := func() {
@@ -269,6 +278,8 @@ func (s *Server) moveIdle(m Mover, limit int) (moved int) {
 		ok := m.Move(fds) == nil
 		if ok {
 			moved += len(batch)
+		} else {
+			failed = true
 		}
 		for _, o := range batch {
 			o.result <- ok
@@ -298,5 +309,5 @@ func (s *Server) moveIdle(m Mover, limit int) (moved int) {
 	for _, c := range asked {
 		c.cancelSteal(st)
 	}
-	return moved
+	return moved, failed
 }

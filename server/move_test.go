@@ -23,12 +23,14 @@ import (
 // pairMover moves descriptors in-process to a second server's Moved
 // listener, as package upgrader does across processes.
 type pairMover struct {
-	to    *moved.Listener
-	fail  atomic.Bool
-	moves atomic.Int64
+	to       *moved.Listener
+	fail     atomic.Bool
+	moves    atomic.Int64
+	attempts atomic.Int64
 }
 
 func (p *pairMover) Move(fds []int) error {
+	p.attempts.Add(1)
 	if p.fail.Load() {
 		return errors.New("refused")
 	}
@@ -171,7 +173,8 @@ func TestDrainToRacingRequestsAnsweredOnce(t *testing.T) {
 	}
 }
 
-// Bytes already buffered by net/http (a pipelined request) keep the old path.
+// Bytes already buffered by net/http (a pipelined request) are served here;
+// the connection stays open and moves once nothing of it is buffered.
 func TestDrainToKeepsBufferedBytes(t *testing.T) {
 	release := make(chan struct{})
 	a, addr := start(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -206,10 +209,12 @@ func TestDrainToKeepsBufferedBytes(t *testing.T) {
 	require.NoError(t, err)
 	b, _ := io.ReadAll(resp.Body)
 	assert.Equal(t, "old", string(b), "the old generation read those bytes: it answers")
-	assert.True(t, resp.Close)
+	assert.False(t, resp.Close, "the connection stays open, to move once it waits for a request with nothing buffered")
 	rep := <-drained
-	assert.Zero(t, rep.Moved)
-	assert.Zero(t, mover.moves.Load())
+	assert.Equal(t, 1, rep.Moved)
+	body, closing := c.get(t)
+	assert.Equal(t, "new", body, "the next request, on the same connection")
+	assert.False(t, closing)
 }
 
 // A failed move leaves the connections here; an idle one is not closed sooner
@@ -229,7 +234,8 @@ func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
 		rep, _ := a.DrainTo(ctx, mover)
 		drained <- rep
 	}()
-	eventually(t, func() bool { return a.Draining() }, "draining")
+	// Once a move has failed, answers close their connections again.
+	eventually(t, func() bool { return mover.attempts.Load() > 0 }, "a move tried")
 	body, closing := c.get(t)
 	assert.Equal(t, "old", body)
 	assert.True(t, closing, "answered with Connection: close")
@@ -353,4 +359,106 @@ func TestDrainToPacesMoves(t *testing.T) {
 			}
 		})
 	}
+}
+
+// While connections move a few at a time, a client that keeps sending
+// requests on its connection is answered by the old generation without
+// "Connection: close" (its connection stays, to move once it waits for its
+// next request), and not made to connect again: every connection moves.
+func TestDrainToKeepsBusyConnectionsToMove(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	a.MoveRate = 200 // 1 per pass
+	_, mover := startMoved(t, "new")
+	const n = 30
+	var clients []*rawConn
+	for range n {
+		c := rawDial(t, addr)
+		body, _ := c.get(t)
+		require.Equal(t, "old", body)
+		clients = append(clients, c)
+	}
+	eventually(t, func() bool { return idleCount(a) == n }, "idle connections")
+
+	stop := make(chan struct{})
+	type result struct {
+		closes, requests int
+		last             string
+		err              error
+	}
+	results := make(chan result, n)
+	for _, c := range clients {
+		go func() {
+			var r result
+			defer func() { results <- r }()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond): // a request every few ms, not a busy loop
+				}
+				if _, r.err = io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); r.err != nil {
+					return
+				}
+				resp, err := http.ReadResponse(c.br, nil)
+				if r.err = err; err != nil {
+					return
+				}
+				b, err := io.ReadAll(resp.Body)
+				if r.err = err; err != nil {
+					return
+				}
+				r.requests++
+				r.last = string(b)
+				if resp.Close {
+					r.closes++
+					return
+				}
+			}
+		}()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rep, err := a.DrainTo(ctx, mover)
+	close(stop)
+	require.NoError(t, err)
+	assert.Equal(t, n, rep.Moved, "report %+v", rep)
+	assert.Zero(t, rep.ClosedAfterResponse+rep.ClosedIdle+rep.Cut, "report %+v", rep)
+	for range n {
+		r := <-results
+		assert.NoError(t, r.err)
+		assert.Zero(t, r.closes, "answers with Connection: close")
+		if r.requests > 0 {
+			assert.Equal(t, "new", r.last, "the last answer, after the drain")
+		}
+	}
+}
+
+// refusing is a Mover that says up front it moves nothing.
+type refusing struct{ *pairMover }
+
+func (refusing) Moves() bool { return false }
+
+// A Mover that moves nothing (Moves false) is never asked to move; answers
+// close their connections from the start of the drain.
+func TestDrainToWithAMoverThatMovesNothing(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	_, pm := startMoved(t, "new")
+	c := rawDial(t, addr)
+	c.get(t)
+	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
+	drained := make(chan Report, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		rep, _ := a.DrainTo(ctx, refusing{pm})
+		drained <- rep
+	}()
+	eventually(t, func() bool { return a.Draining() }, "draining")
+	body, closing := c.get(t)
+	assert.Equal(t, "old", body)
+	assert.True(t, closing, "answered with Connection: close")
+	rep := <-drained
+	assert.Zero(t, rep.Moved)
+	assert.Zero(t, pm.attempts.Load(), "moves asked of it")
+	assert.Equal(t, 1, rep.ClosedAfterResponse)
 }

@@ -76,7 +76,9 @@ type Server struct {
 	// next generation, at most: each costs both processes some CPU (about
 	// 20 µs), and moving thousands at once delays the requests being served
 	// meanwhile. The drain moves faster when it must, to be done by half of
-	// its context's deadline. Zero means DefaultMoveRate.
+	// its context's deadline. The next upgrade waits for the drain: 10,000
+	// idle connections at the default rate hold it for 10 s. Zero means
+	// DefaultMoveRate; a negative rate moves every idle connection at once.
 	MoveRate int
 	// Logger receives net/http's own error lines. Nil means none.
 	Logger *slog.Logger
@@ -95,6 +97,7 @@ type Server struct {
 
 	initErr  error
 	draining atomic.Bool
+	moving   atomic.Bool // DrainTo moves idle connections: answers keep movable ones open
 	inFlight atomic.Int64
 	idle     chan struct{} // a token when inFlight drops to zero while draining
 	answered atomic.Int64  // requests finished since the drain began
@@ -125,6 +128,9 @@ type Report struct {
 	Duration            time.Duration // from the start of the drain to its end
 }
 
+// connKey is the context key of a request's *conn.
+type connKey struct{}
+
 // ErrDraining is returned by Serve and Drain once a drain has begun.
 var ErrDraining = errors.New("server is draining")
 
@@ -145,6 +151,15 @@ func (s *Server) init() {
 		s.srv.Handler = s.wrap(h)
 		s.srv.ReadHeaderTimeout = orDefault(s.srv.ReadHeaderTimeout, DefaultReadHeaderTimeout)
 		s.srv.IdleTimeout = orDefault(s.srv.IdleTimeout, DefaultIdleTimeout)
+		// Each request's context carries its connection: an answer given
+		// while connections move keeps a movable one open (see responseWriter).
+		connCtx := s.srv.ConnContext
+		s.srv.ConnContext = func(ctx context.Context, nc net.Conn) context.Context {
+			if connCtx != nil {
+				ctx = connCtx(ctx, nc)
+			}
+			return context.WithValue(ctx, connKey{}, ours(nc))
+		}
 		chained := s.srv.ConnState
 		s.srv.ConnState = func(nc net.Conn, st http.ConnState) {
 			s.connState(nc, st)
@@ -252,10 +267,17 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	}
 	s.init()
 	s.mu.Lock()
-	if s.draining.Swap(true) {
+	if s.draining.Load() {
 		s.mu.Unlock()
 		return Report{}, ErrDraining
 	}
+	moves := m != nil
+	if r, ok := m.(interface{ Moves() bool }); ok && !r.Moves() {
+		moves = false // the next generation takes none: idle connections stay, as steady state would keep them
+	}
+	s.moving.Store(moves) // before draining: no answer says close in between
+	defer s.moving.Store(false)
+	s.draining.Store(true)
 	s.drainStart = time.Now()
 	for l := range s.listeners {
 		l.Listener.Close()
@@ -282,10 +304,21 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	}
 	for {
 		rep.HTTP2 += s.goAway()
-		if m != nil {
+		if moves {
 			// Every pass: a connection that becomes idle later (its answer was
-			// still being written when the drain began) moves too.
-			rep.Moved += s.moveIdle(m, s.moveChunk(moveBy))
+			// still being written when the drain began, or kept open to move)
+			// moves too.
+			moved, failed := s.moveIdle(m, s.moveChunk(moveBy))
+			rep.Moved += moved
+			if failed {
+				// The next generation takes none after all: what is left stays,
+				// as steady state would keep it.
+				moves = false
+			}
+			if failed || !moveBy.IsZero() && time.Now().After(moveBy) {
+				// Answers close their connections again.
+				s.moving.Store(false)
+			}
 		}
 		// Closing quiet connections looks at every one. While connections
 		// move, the rule is steady state's (IdleTimeout, minutes): once a
@@ -378,7 +411,10 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 // one).
 func (s *Server) moveChunk(moveBy time.Time) int {
 	rate := s.MoveRate
-	if rate <= 0 {
+	switch {
+	case rate < 0:
+		return s.count()
+	case rate == 0:
 		rate = DefaultMoveRate
 	}
 	n := max(1, int(int64(rate)*int64(pollInterval)/int64(time.Second)))
@@ -466,7 +502,7 @@ func (s *Server) connState(nc net.Conn, st http.ConnState) {
 // answer so that net/http closes the connection after it.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rw := &responseWriter{ResponseWriter: w, s: s, h1: r.ProtoMajor == 1}
+		rw := &responseWriter{ResponseWriter: w, s: s, h1: r.ProtoMajor == 1, ctx: r.Context()}
 		s.inFlight.Add(1)
 		defer func() {
 			left := s.inFlight.Add(-1)

@@ -28,6 +28,13 @@ func (u *Upgrader) Ready() error {
 			err = fmt.Errorf("previous generation gave up waiting for this one: %w", ErrStopping)
 			return
 		}
+		if u.parent != nil && isClosed(u.stopC) {
+			// A stop (a SIGTERM, say) came before Ready: taking over now would
+			// leave nothing serving once this generation has drained. The
+			// previous one sees the upgrade fail, and serves on.
+			err = fmt.Errorf("stop requested before ready: %w", ErrStopping)
+			return
+		}
 		if u.opts.PIDFile != "" {
 			p := u.takePIDPrep()
 			if p == nil {
@@ -123,10 +130,11 @@ func (u *Upgrader) DrainContext(parent context.Context, timeout time.Duration) (
 
 // HandleSignals makes SIGHUP upgrade (queued while the previous generation
 // drains, ignored while an upgrade runs), the first SIGTERM or SIGINT Stop, and
-// the second close Forced. It returns at once, and the handlers are in place
-// when Ready returns: their setup (the runtime starts a thread for signals)
-// runs meanwhile. Options.HandleSignals does the same from the start of New,
-// off an upgrade's critical path. Close undoes it.
+// the second close Forced; the handlers are in place when it returns. A stop
+// before Ready makes Ready fail in a new generation: the previous one serves
+// on. Options.HandleSignals does the same from the start of New, in the
+// background (the runtime starts a thread for signals), off an upgrade's
+// critical path; Ready then waits for it. Close undoes it.
 func (u *Upgrader) HandleSignals() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -134,6 +142,7 @@ func (u *Upgrader) HandleSignals() {
 		return
 	}
 	u.sigC, u.sigSet = notifySignals()
+	<-u.sigSet
 	go u.handleSignals(u.sigC)
 }
 

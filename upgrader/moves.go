@@ -175,4 +175,7 @@ type refuseMoves struct{}
 
 func (refuseMoves) Move([]int) error { return errNoMoves }
 
+// Moves tells package server's DrainTo up front that nothing moves.
+func (refuseMoves) Moves() bool { return false }
+
 var errNoMoves = errors.New("the new generation takes no moved connections")

@@ -262,6 +262,10 @@ func New(opts Options) (_ *Upgrader, err error) {
 	}
 	if opts.ControlPath != "" {
 		if u.control, err = u.listenControl(opts.ControlPath); err != nil {
+			u.parent.close() // ends open's watch
+			if u.moved != nil {
+				u.moved.Close()
+			}
 			abandonTableflip(tf)
 			return nil, fmt.Errorf("%w %s: %w", ErrControlSocket, opts.ControlPath, err)
 		}

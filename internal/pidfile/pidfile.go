@@ -41,27 +41,24 @@ type Pending struct {
 	err       error
 }
 
-// tmpName is the temporary file of pid for path. It is named after pid, so
-// that Sweep can find the one a process left when it died before Commit.
-func tmpName(path string, pid int) string {
-	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+strconv.Itoa(pid))
+// tmpPrefix is the start of the name of pid's temporary files for path: the
+// PID, so that Sweep can find one a process left when it died before Commit,
+// then a random part (os.CreateTemp's), so that nobody can block it by
+// creating that name first.
+func tmpPrefix(path string, pid int) string {
+	return "." + filepath.Base(path) + ".tmp-" + strconv.Itoa(pid) + "-"
 }
 
 // Prepare writes pid to a temporary file beside path; Commit renames it into
 // place and Discard removes it. An error is kept for Commit to return.
 func Prepare(path string, pid int) *Pending {
-	p := &Pending{path: path, tmp: tmpName(path, pid)}
-	f, err := os.OpenFile(p.tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if errors.Is(err, fs.ErrExist) {
-		// Left by an earlier process with this PID that died before its
-		// Commit: the PID is this process's now.
-		os.Remove(p.tmp)
-		f, err = os.OpenFile(p.tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	}
+	p := &Pending{path: path}
+	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix(path, pid)+"*")
 	if err != nil {
 		p.err = fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
 		return p
 	}
+	p.tmp = f.Name()
 	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
 	if err == nil {
 		err = f.Chmod(0o644) // whatever the umask
@@ -88,7 +85,10 @@ func (p *Pending) Commit() error {
 	if p.err != nil {
 		return p.err
 	}
-	if unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.path, unix.RENAME_EXCHANGE) == nil {
+	// Only a file (or a symlink) is exchanged: anything else at path must
+	// make the rename fail, as it always did.
+	if fi, err := os.Lstat(p.path); err == nil && (fi.Mode().IsRegular() || fi.Mode()&fs.ModeSymlink != 0) &&
+		unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.path, unix.RENAME_EXCHANGE) == nil {
 		os.Remove(p.tmp) // the previous PID file, now under the temporary name
 		return nil
 	}
@@ -116,10 +116,14 @@ func Sweep(path string) {
 	}
 	for _, e := range entries {
 		rest, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || !e.Type().IsRegular() {
+			continue
+		}
+		digits, _, ok := strings.Cut(rest, "-")
 		if !ok {
 			continue
 		}
-		pid, err := strconv.Atoi(rest)
+		pid, err := strconv.Atoi(digits)
 		if err != nil || pid <= 0 || pid == os.Getpid() {
 			continue
 		}

@@ -52,20 +52,32 @@ func TestPrepareCommitDiscardSweep(t *testing.T) {
 	entries, _ = os.ReadDir(dir)
 	assert.Len(t, entries, 1, "no temporary file left after Discard")
 
-	// A file left by a process that died before its Commit, by one that
-	// still runs (this test), and by a PID that is reused: Prepare takes the
-	// last over, Sweep removes only the first.
+	// A file left by a process that died before its Commit, and one of a
+	// process that still runs (this test's parent): Sweep removes only the
+	// first.
 	dead := deadPID(t)
-	require.NoError(t, os.WriteFile(tmpName(path, dead), []byte("x"), 0o644))
-	require.NoError(t, os.WriteFile(tmpName(path, os.Getppid()), []byte("x"), 0o644))
-	require.NoError(t, os.WriteFile(tmpName(path, 555555), []byte("stale"), 0o644))
-	require.NoError(t, Prepare(path, 555555).Commit())
-	b, _ = os.ReadFile(path)
-	assert.Equal(t, "555555\n", string(b))
+	leftByDead := filepath.Join(dir, tmpPrefix(path, dead)+"123")
+	ofRunning := filepath.Join(dir, tmpPrefix(path, os.Getppid())+"456")
+	require.NoError(t, os.WriteFile(leftByDead, []byte("x"), 0o644))
+	require.NoError(t, os.WriteFile(ofRunning, []byte("x"), 0o644))
 	Sweep(path)
-	assert.NoFileExists(t, tmpName(path, dead))
-	assert.FileExists(t, tmpName(path, os.Getppid()), "a running process's file is its own")
+	assert.NoFileExists(t, leftByDead)
+	assert.FileExists(t, ofRunning, "a running process's file is its own")
 	assert.FileExists(t, path)
+
+	// Nobody can block a Prepare by creating its name first (the name has a
+	// random part), and a directory where the PID file should be is never
+	// exchanged with it: the commit fails and the directory stays.
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, tmpPrefix(path, 4242)+"x", "y"), 0o755))
+	require.NoError(t, Prepare(path, 4242).Commit())
+	b, _ = os.ReadFile(path)
+	assert.Equal(t, "4242\n", string(b))
+	asDir := filepath.Join(dir, "dir.pid")
+	require.NoError(t, os.Mkdir(asDir, 0o755))
+	assert.ErrorIs(t, Prepare(asDir, 7).Commit(), ErrPIDFile)
+	assert.DirExists(t, asDir)
+	left, _ := filepath.Glob(filepath.Join(dir, ".dir.pid.tmp-*"))
+	assert.Empty(t, left, "a failed commit leaves no temporary file")
 
 	missing := filepath.Join(dir, "no", "such", "dir", "app.pid")
 	assert.ErrorIs(t, Prepare(missing, 1).Commit(), ErrPIDFile)

@@ -7,7 +7,9 @@
 // it accepted with server.Drain and exits 0.
 //
 // With --notready-mode panic it panics right after taking the listeners,
-// before serving: a new generation that crashes holding the sockets.
+// before serving: a new generation that crashes holding the sockets. With
+// --notready-mode ready-on-usr1 it calls Ready when it gets SIGUSR1, and logs
+// what Ready returned.
 package main
 
 import (
@@ -18,8 +20,10 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/handoff-dev/handoff/server"
@@ -51,7 +55,7 @@ func run(args []string) int {
 	fs.String("log-format", "json", "ignored: always JSON")
 	fs.Bool("preflight", false, "ignored")
 	check := fs.Bool("check", false, "print ok and exit 0")
-	mode := fs.String("notready-mode", "notready", "notready (serve, never ready) or panic (panic after taking the listeners)")
+	mode := fs.String("notready-mode", "notready", "notready (serve, never ready), panic (panic after taking the listeners) or ready-on-usr1 (call Ready at SIGUSR1)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -92,6 +96,17 @@ func run(args []string) int {
 	}
 	if *mode == "panic" {
 		panic(fmt.Sprintf("testdata-notready: pid %d panics on purpose holding %v", os.Getpid(), specs))
+	}
+	if *mode == "ready-on-usr1" {
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		log.Info("waiting for SIGUSR1 to call Ready")
+		<-usr1
+		if err := upg.Ready(); err != nil {
+			log.Info("ready failed", "error", err.Error())
+		} else {
+			log.Info("ready")
+		}
 	}
 	log.Info("serving, never ready", "listeners", specs)
 	fmt.Fprintf(os.Stderr, "testdata-notready: pid %d serving, never ready\n", os.Getpid())

@@ -2,7 +2,6 @@ package server
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -173,14 +172,11 @@ func pending(nc net.Conn) bool {
 	return n > 0
 }
 
-// responseWriter adds "Connection: close" to answers given while draining,
-// except, while DrainTo moves connections, on one that can move: it moves once
-// it waits for its next request, rather than make its client connect again.
+// responseWriter adds "Connection: close" to answers given while draining.
 type responseWriter struct {
 	http.ResponseWriter
 	s           *Server
 	h1          bool // HTTP/1.x: "Connection: close" applies (HTTP/2 drains with GOAWAY)
-	ctx         context.Context
 	wroteHeader bool
 	hijacked    bool
 }
@@ -190,23 +186,9 @@ func (w *responseWriter) beforeHeader() {
 		return
 	}
 	w.wroteHeader = true
-	if w.h1 && w.s.draining.Load() && !w.willMove() {
+	if w.h1 && w.s.draining.Load() {
 		w.Header().Set("Connection", "close")
 	}
-}
-
-// willMove reports whether the answer's connection stays open to move.
-func (w *responseWriter) willMove() bool {
-	if !w.s.moving.Load() {
-		return false
-	}
-	c, _ := w.ctx.Value(connKey{}).(*conn)
-	if c == nil {
-		return false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.movable && !c.closed
 }
 
 func (w *responseWriter) WriteHeader(code int) {

@@ -86,16 +86,13 @@ func (c *conn) SetDeadline(t time.Time) error {
 	return c.SetReadDeadline(t)
 }
 
-// endSteal gives the connection its own read deadline back; it stays here,
-// for good if stay is set.
-func (c *conn) endSteal(stay bool) {
+// endSteal gives the connection its own read deadline back; it stays here.
+func (c *conn) endSteal() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stealing.Load() != nil {
 		c.stealing.Store(nil)
-		if stay {
-			c.movable = false
-		}
+		c.movable = false
 		c.Conn.SetReadDeadline(c.readDeadline)
 	}
 }
@@ -217,10 +214,7 @@ func (c *conn) answer(st *steal, fd int) bool {
 	}
 	c.mu.Unlock()
 	if !moved {
-		// A move that failed leaves the connection here for good; one that
-		// was not offered (a request arriving, bytes buffered) may move at a
-		// later pass, once it waits for its next request again.
-		c.endSteal(fd >= 0)
+		c.endSteal()
 	}
 	return moved
 }
@@ -247,19 +241,27 @@ func isTimeout(err error) bool {
 	return ok && ne.Timeout()
 }
 
-// moveIdle moves up to limit connections waiting for a request to the next
-// generation, in batches; those that cannot move stay. It returns how many
-// moved, and whether a move failed. It stops looking at connections once it has found limit: a pass costs
-// nothing per connection left.
+// moveIdle moves connections waiting for a request to the next generation, in
+// batches; those that cannot move stay. First every one used lately (s.hot:
+// its client is likely to send again soon, and should send to the next
+// generation), then others up to limit. It stops looking at connections once
+// it has found limit: a pass costs nothing per connection left. It returns how
+// many moved, and whether a move failed.
 func (s *Server) moveIdle(m Mover, limit int) (moved int, failed bool) {
 	st := &steal{offers: make(chan offer), done: make(chan struct{})}
 	s.mu.Lock()
 	var asked []*conn
-	for c := range s.conns {
+	for c := range s.hot {
 		if c.requestMove(st) {
-			if asked = append(asked, c); len(asked) == limit {
-				break
-			}
+			asked = append(asked, c)
+		}
+	}
+	for c := range s.conns {
+		if len(asked) >= limit {
+			break
+		}
+		if c.requestMove(st) {
+			asked = append(asked, c)
 		}
 	}
 	s.mu.Unlock()

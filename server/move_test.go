@@ -173,8 +173,7 @@ func TestDrainToRacingRequestsAnsweredOnce(t *testing.T) {
 	}
 }
 
-// Bytes already buffered by net/http (a pipelined request) are served here;
-// the connection stays open and moves once nothing of it is buffered.
+// Bytes already buffered by net/http (a pipelined request) keep the old path.
 func TestDrainToKeepsBufferedBytes(t *testing.T) {
 	release := make(chan struct{})
 	a, addr := start(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -209,12 +208,10 @@ func TestDrainToKeepsBufferedBytes(t *testing.T) {
 	require.NoError(t, err)
 	b, _ := io.ReadAll(resp.Body)
 	assert.Equal(t, "old", string(b), "the old generation read those bytes: it answers")
-	assert.False(t, resp.Close, "the connection stays open, to move once it waits for a request with nothing buffered")
+	assert.True(t, resp.Close)
 	rep := <-drained
-	assert.Equal(t, 1, rep.Moved)
-	body, closing := c.get(t)
-	assert.Equal(t, "new", body, "the next request, on the same connection")
-	assert.False(t, closing)
+	assert.Zero(t, rep.Moved)
+	assert.Zero(t, mover.moves.Load())
 }
 
 // A failed move leaves the connections here; an idle one is not closed sooner
@@ -234,8 +231,7 @@ func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
 		rep, _ := a.DrainTo(ctx, mover)
 		drained <- rep
 	}()
-	// Once a move has failed, answers close their connections again.
-	eventually(t, func() bool { return mover.attempts.Load() > 0 }, "a move tried")
+	eventually(t, func() bool { return a.Draining() }, "draining")
 	body, closing := c.get(t)
 	assert.Equal(t, "old", body)
 	assert.True(t, closing, "answered with Connection: close")
@@ -316,6 +312,8 @@ func (b *batchMover) Move(fds []int) error {
 // whose deadline leaves too little time for that rate moves faster, and still
 // moves every one.
 func TestDrainToPacesMoves(t *testing.T) {
+	defer func(w time.Duration) { warmWindow = w }(warmWindow)
+	warmWindow = 100 * time.Millisecond // (connections used more lately move at once)
 	for _, c := range []struct {
 		name       string
 		rate       int
@@ -339,6 +337,8 @@ func TestDrainToPacesMoves(t *testing.T) {
 				clients = append(clients, cl)
 			}
 			eventually(t, func() bool { return idleCount(a) == 20 }, "20 idle connections")
+			idleSince := time.Now()
+			eventually(t, func() bool { return time.Since(idleSince) > warmWindow }, "the connections to go cold")
 
 			ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 			defer cancel()
@@ -361,75 +361,42 @@ func TestDrainToPacesMoves(t *testing.T) {
 	}
 }
 
-// While connections move a few at a time, a client that keeps sending
-// requests on its connection is answered by the old generation without
-// "Connection: close" (its connection stays, to move once it waits for its
-// next request), and not made to connect again: every connection moves.
-func TestDrainToKeepsBusyConnectionsToMove(t *testing.T) {
+// Connections used lately when the drain begins move at once, whatever
+// MoveRate: their clients are likely to send again soon. The others, idle
+// longer, move at MoveRate.
+func TestDrainToMovesRecentlyUsedConnectionsFirst(t *testing.T) {
+	defer func(w time.Duration) { warmWindow = w }(warmWindow)
+	warmWindow = 2 * time.Second // ample for the warm ones to be dialled and used, on a loaded machine
 	a, addr := start(t, whoHandler("old"), time.Hour)
 	a.MoveRate = 200 // 1 per pass
-	_, mover := startMoved(t, "new")
-	const n = 30
+	_, pm := startMoved(t, "new")
+	mover := &batchMover{pairMover: pm}
+	const cold, warm = 10, 30
 	var clients []*rawConn
-	for range n {
+	for range cold {
 		c := rawDial(t, addr)
-		body, _ := c.get(t)
-		require.Equal(t, "old", body)
+		c.get(t)
 		clients = append(clients, c)
 	}
-	eventually(t, func() bool { return idleCount(a) == n }, "idle connections")
-
-	stop := make(chan struct{})
-	type result struct {
-		closes, requests int
-		last             string
-		err              error
+	// The first ones go cold: nothing read from them for warmWindow.
+	coldSince := time.Now()
+	eventually(t, func() bool { return time.Since(coldSince) > warmWindow }, "the first connections to go cold")
+	for range warm {
+		c := rawDial(t, addr)
+		c.get(t)
+		clients = append(clients, c)
 	}
-	results := make(chan result, n)
-	for _, c := range clients {
-		go func() {
-			var r result
-			defer func() { results <- r }()
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(2 * time.Millisecond): // a request every few ms, not a busy loop
-				}
-				if _, r.err = io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); r.err != nil {
-					return
-				}
-				resp, err := http.ReadResponse(c.br, nil)
-				if r.err = err; err != nil {
-					return
-				}
-				b, err := io.ReadAll(resp.Body)
-				if r.err = err; err != nil {
-					return
-				}
-				r.requests++
-				r.last = string(b)
-				if resp.Close {
-					r.closes++
-					return
-				}
-			}
-		}()
-	}
+	eventually(t, func() bool { return idleCount(a) == cold+warm }, "idle connections")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	rep, err := a.DrainTo(ctx, mover)
-	close(stop)
 	require.NoError(t, err)
-	assert.Equal(t, n, rep.Moved, "report %+v", rep)
-	assert.Zero(t, rep.ClosedAfterResponse+rep.ClosedIdle+rep.Cut, "report %+v", rep)
-	for range n {
-		r := <-results
-		assert.NoError(t, r.err)
-		assert.Zero(t, r.closes, "answers with Connection: close")
-		if r.requests > 0 {
-			assert.Equal(t, "new", r.last, "the last answer, after the drain")
-		}
+	assert.Equal(t, cold+warm, rep.Moved, "report %+v", rep)
+	assert.GreaterOrEqual(t, mover.largest.Load(), int64(warm), "the warm connections move in one batch")
+	assert.GreaterOrEqual(t, mover.calls.Load(), int64(cold), "the cold ones one per pass")
+	for i, c := range clients {
+		body, _ := c.get(t)
+		assert.Equal(t, "new", body, "client %d", i)
 	}
 }
 

@@ -48,6 +48,10 @@ const (
 	DefaultMoveRate          = 1000
 )
 
+// warmWindow: a connection read from this recently when a drain begins is
+// moved at once, not at MoveRate (see DrainTo).
+var warmWindow = time.Second
+
 // pollInterval is how often Drain looks at the connections it waits for.
 const pollInterval = 5 * time.Millisecond
 
@@ -97,7 +101,6 @@ type Server struct {
 
 	initErr  error
 	draining atomic.Bool
-	moving   atomic.Bool // DrainTo moves idle connections: answers keep movable ones open
 	inFlight atomic.Int64
 	idle     chan struct{} // a token when inFlight drops to zero while draining
 	answered atomic.Int64  // requests finished since the drain began
@@ -109,6 +112,7 @@ type Server struct {
 	listeners    map[*listener]struct{}
 	conns        map[*conn]struct{}
 	h2conns      map[*conn]struct{} // the HTTP/2 ones not yet sent GOAWAY (goAway)
+	hot          map[*conn]struct{} // used lately when the drain began: they move first (moveIdle)
 	onDrain      []func()
 	closedSelf   int // connections that closed on their own during the drain
 	closedIdle   int // idle connections the drain closed
@@ -127,9 +131,6 @@ type Report struct {
 	Running             int64         // handlers still running when Drain returned (see AfterCut)
 	Duration            time.Duration // from the start of the drain to its end
 }
-
-// connKey is the context key of a request's *conn.
-type connKey struct{}
 
 // ErrDraining is returned by Serve and Drain once a drain has begun.
 var ErrDraining = errors.New("server is draining")
@@ -151,15 +152,6 @@ func (s *Server) init() {
 		s.srv.Handler = s.wrap(h)
 		s.srv.ReadHeaderTimeout = orDefault(s.srv.ReadHeaderTimeout, DefaultReadHeaderTimeout)
 		s.srv.IdleTimeout = orDefault(s.srv.IdleTimeout, DefaultIdleTimeout)
-		// Each request's context carries its connection: an answer given
-		// while connections move keeps a movable one open (see responseWriter).
-		connCtx := s.srv.ConnContext
-		s.srv.ConnContext = func(ctx context.Context, nc net.Conn) context.Context {
-			if connCtx != nil {
-				ctx = connCtx(ctx, nc)
-			}
-			return context.WithValue(ctx, connKey{}, ours(nc))
-		}
 		chained := s.srv.ConnState
 		s.srv.ConnState = func(nc net.Conn, st http.ConnState) {
 			s.connState(nc, st)
@@ -172,6 +164,7 @@ func (s *Server) init() {
 		s.listeners = make(map[*listener]struct{})
 		s.conns = make(map[*conn]struct{})
 		s.h2conns = make(map[*conn]struct{})
+		s.hot = make(map[*conn]struct{})
 	})
 }
 
@@ -275,10 +268,18 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	if r, ok := m.(interface{ Moves() bool }); ok && !r.Moves() {
 		moves = false // the next generation takes none: idle connections stay, as steady state would keep them
 	}
-	s.moving.Store(moves) // before draining: no answer says close in between
-	defer s.moving.Store(false)
 	s.draining.Store(true)
 	s.drainStart = time.Now()
+	if moves {
+		// Connections used lately move first, all at once: their clients
+		// are likely to send again soon. The others move at MoveRate.
+		since := s.drainStart.Add(-warmWindow).UnixNano()
+		for c := range s.conns {
+			if c.lastRead.Load() >= since {
+				s.hot[c] = struct{}{}
+			}
+		}
+	}
 	for l := range s.listeners {
 		l.Listener.Close()
 	}
@@ -314,10 +315,6 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 				// The next generation takes none after all: what is left stays,
 				// as steady state would keep it.
 				moves = false
-			}
-			if failed || !moveBy.IsZero() && time.Now().After(moveBy) {
-				// Answers close their connections again.
-				s.moving.Store(false)
 			}
 		}
 		// Closing quiet connections looks at every one. While connections
@@ -399,6 +396,7 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 		if _, ok := s.conns[c]; ok {
 			delete(s.conns, c)
 			delete(s.h2conns, c)
+			delete(s.hot, c)
 			s.closedIdle++
 		}
 	}
@@ -445,6 +443,7 @@ func (s *Server) closeAll() int {
 		c.cut()
 		delete(s.conns, c)
 		delete(s.h2conns, c)
+		delete(s.hot, c)
 		n++
 	}
 	return n
@@ -472,6 +471,7 @@ func (s *Server) forget(c *conn) {
 	}
 	delete(s.conns, c)
 	delete(s.h2conns, c)
+	delete(s.hot, c)
 	switch {
 	case !s.draining.Load():
 	case c.state() == http.StateHijacked:
@@ -502,7 +502,7 @@ func (s *Server) connState(nc net.Conn, st http.ConnState) {
 // answer so that net/http closes the connection after it.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rw := &responseWriter{ResponseWriter: w, s: s, h1: r.ProtoMajor == 1, ctx: r.Context()}
+		rw := &responseWriter{ResponseWriter: w, s: s, h1: r.ProtoMajor == 1}
 		s.inFlight.Add(1)
 		defer func() {
 			left := s.inFlight.Add(-1)

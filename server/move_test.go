@@ -429,3 +429,33 @@ func TestDrainToWithAMoverThatMovesNothing(t *testing.T) {
 	assert.Zero(t, pm.attempts.Load(), "moves asked of it")
 	assert.Equal(t, 1, rep.ClosedAfterResponse)
 }
+
+// slowFailingMover fails every Move after a while, as a next generation that
+// does not read its end would.
+type slowFailingMover struct{ calls atomic.Int64 }
+
+func (m *slowFailingMover) Move([]int) error {
+	m.calls.Add(1)
+	time.Sleep(50 * time.Millisecond) // a move that times out (no synchronisation here)
+	return errors.New("timed out")
+}
+
+// When moves fail, a pass stops calling Move after its first failure (and the
+// drain stops moving after three failed passes): what it asked stays, as
+// steady state would keep it, and the drain does not spend its time in
+// failing moves.
+func TestDrainToGivesUpOnFailingMoves(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	a.MoveRate = -1 // all at once: 600 connections are 3 batches a pass
+	mover := &slowFailingMover{}
+	for range 600 {
+		rawDial(t, addr).get(t)
+	}
+	eventually(t, func() bool { return idleCount(a) == 600 }, "idle connections")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	rep, err := a.DrainTo(ctx, mover)
+	assert.Error(t, err, "the idle connections stay until the deadline")
+	assert.Zero(t, rep.Moved)
+	assert.Equal(t, int64(1), mover.calls.Load(), "Move calls: the first failure ends the pass, and what it asked stays")
+}

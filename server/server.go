@@ -300,6 +300,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	defer tick.Stop()
 	var err error
 	var lastQuiet, moveBy time.Time
+	failures := 0 // passes in a row whose move failed
 	if deadline, ok := ctx.Deadline(); ok {
 		moveBy = s.drainStart.Add(deadline.Sub(s.drainStart) / 2)
 	}
@@ -309,9 +310,11 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 			// Every pass: a connection that becomes idle later (its answer was
 			// still being written when the drain began, or kept open to move)
 			// moves too.
-			moved, failed := s.moveIdle(m, s.moveChunk(moveBy))
+			moved, failed := s.moveIdle(ctx, m, s.moveChunk(moveBy))
 			rep.Moved += moved
-			if failed {
+			if !failed {
+				failures = 0
+			} else if failures++; failures == 3 {
 				// The next generation takes none after all: what is left stays,
 				// as steady state would keep it.
 				moves = false

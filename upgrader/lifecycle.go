@@ -28,23 +28,40 @@ func (u *Upgrader) Ready() error {
 			err = fmt.Errorf("previous generation gave up waiting for this one: %w", ErrStopping)
 			return
 		}
-		if u.parent != nil && isClosed(u.stopC) {
-			// A stop (a SIGTERM, say) came before Ready: taking over now would
-			// leave nothing serving once this generation has drained. The
-			// previous one sees the upgrade fail, and serves on.
+		// A stop (a SIGTERM, say) that comes before this generation takes
+		// over fails Ready: taking over would leave nothing serving once it
+		// has drained, and the previous one sees the upgrade fail and serves
+		// on. Signals wait for handover (below): a stop is either before it,
+		// or after it, a stop of the serving generation.
+		stoppedBefore := func() bool { return u.tf.HasParent() && isClosed(u.stopC) }
+		if stoppedBefore() {
 			err = fmt.Errorf("stop requested before ready: %w", ErrStopping)
 			return
 		}
+		var pending *pidfile.Pending
 		if u.opts.PIDFile != "" {
-			p := u.takePIDPrep()
-			if p == nil {
-				p = pidfile.Prepare(u.opts.PIDFile, os.Getpid())
-			}
-			if err = p.Commit(); err != nil {
-				return
+			if pending = u.takePIDPrep(); pending == nil {
+				pending = pidfile.Prepare(u.opts.PIDFile, os.Getpid())
 			}
 		}
 		if err = restoreStderr(u.tf); err != nil {
+			pending.Discard()
+			return
+		}
+		u.mu.Lock()
+		sigSet := u.sigSet
+		u.mu.Unlock()
+		if sigSet != nil {
+			<-sigSet // a SIGTERM once the previous generation hands over is handled
+		}
+		u.handover.Lock()
+		defer u.handover.Unlock()
+		if stoppedBefore() {
+			pending.Discard()
+			err = fmt.Errorf("stop requested before ready: %w", ErrStopping)
+			return
+		}
+		if err = pending.Commit(); err != nil {
 			return
 		}
 		// The report goes first: the parent reads it once tableflip says ready.
@@ -52,12 +69,6 @@ func (u *Upgrader) Ready() error {
 			Moves: u.moved != nil}); err != nil {
 			u.log.Warn("cannot report to previous generation", "error", err)
 			err = nil
-		}
-		u.mu.Lock()
-		sigSet := u.sigSet
-		u.mu.Unlock()
-		if sigSet != nil {
-			<-sigSet // a SIGTERM once the previous generation hands over is handled
 		}
 		if err = u.tf.Ready(); err != nil {
 			err = fmt.Errorf("signal ready: %w", err)
@@ -174,7 +185,9 @@ func (u *Upgrader) handleSignals(c chan os.Signal) {
 			stops++
 			u.log.Info("stop requested", "signal", sig.String(), "count", stops)
 			if stops == 1 {
+				u.handover.Lock() // before Ready hands over, or after: not during
 				u.Stop()
+				u.handover.Unlock()
 			} else {
 				u.forceOnce.Do(func() { close(u.forcedC) })
 			}

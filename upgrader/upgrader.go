@@ -103,6 +103,7 @@ type Upgrader struct {
 	doneC    chan struct{} // closed when the run loop has ended: handed off or stopped
 
 	readyOnce, stopOnce, forceOnce, closeOnce sync.Once
+	handover                                  sync.Mutex // held by Ready from its last check for a stop to tableflip's Ready, and by a signal's Stop
 
 	abortC    chan struct{} // closed at Stop: a running attempt gives up
 	drainedC  chan struct{} // closed by Drained

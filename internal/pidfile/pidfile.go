@@ -73,7 +73,8 @@ func Prepare(path string, pid int) *Pending {
 	return p
 }
 
-// Commit puts the prepared file in place of path, atomically.
+// Commit puts the prepared file in place of path, atomically. A nil Pending
+// (no PID file) commits nothing.
 //
 // It exchanges the two files (renameat2 RENAME_EXCHANGE) and removes the old
 // one, rather than renaming over path: ext4 (auto_da_alloc) writes a file's
@@ -82,6 +83,9 @@ func Prepare(path string, pid int) *Pending {
 // exchange does not. Where there is no file yet, or the filesystem cannot
 // exchange, it renames.
 func (p *Pending) Commit() error {
+	if p == nil {
+		return nil
+	}
 	if p.err != nil {
 		return p.err
 	}
@@ -99,9 +103,10 @@ func (p *Pending) Commit() error {
 	return nil
 }
 
-// Discard removes the prepared file, if Commit has not renamed it.
+// Discard removes the prepared file, if Commit has not renamed it. A nil
+// Pending discards nothing.
 func (p *Pending) Discard() {
-	if p.err == nil {
+	if p != nil && p.err == nil {
 		os.Remove(p.tmp)
 	}
 }

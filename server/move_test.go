@@ -80,6 +80,20 @@ func (c *rawConn) get(t *testing.T) (body string, closing bool) {
 	return string(b), resp.Close
 }
 
+// dialUsed opens n connections to addr and sends one request on each, which
+// the old generation must answer; they are then idle.
+func dialUsed(t *testing.T, addr string, n int) []*rawConn {
+	t.Helper()
+	var clients []*rawConn
+	for range n {
+		c := rawDial(t, addr)
+		body, _ := c.get(t)
+		require.Equal(t, "old", body)
+		clients = append(clients, c)
+	}
+	return clients
+}
+
 func startMoved(t *testing.T, name string) (*Server, *pairMover) {
 	t.Helper()
 	b := &Server{Handler: whoHandler(name)}
@@ -100,13 +114,7 @@ func startMoved(t *testing.T, name string) (*Server, *pairMover) {
 func TestDrainToMovesIdleConnections(t *testing.T) {
 	a, addr := start(t, whoHandler("old"), time.Hour)
 	_, mover := startMoved(t, "new")
-	var clients []*rawConn
-	for range 20 {
-		c := rawDial(t, addr)
-		body, _ := c.get(t)
-		require.Equal(t, "old", body)
-		clients = append(clients, c)
-	}
+	clients := dialUsed(t, addr, 20)
 	eventually(t, func() bool { return idleCount(a) == 20 }, "20 idle connections")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -329,13 +337,7 @@ func TestDrainToPacesMoves(t *testing.T) {
 			a.MoveRate = c.rate
 			_, pm := startMoved(t, "new")
 			mover := &batchMover{pairMover: pm}
-			var clients []*rawConn
-			for range 20 {
-				cl := rawDial(t, addr)
-				body, _ := cl.get(t)
-				require.Equal(t, "old", body)
-				clients = append(clients, cl)
-			}
+			clients := dialUsed(t, addr, 20)
 			eventually(t, func() bool { return idleCount(a) == 20 }, "20 idle connections")
 			idleSince := time.Now()
 			eventually(t, func() bool { return time.Since(idleSince) > warmWindow }, "the connections to go cold")
@@ -372,20 +374,11 @@ func TestDrainToMovesRecentlyUsedConnectionsFirst(t *testing.T) {
 	_, pm := startMoved(t, "new")
 	mover := &batchMover{pairMover: pm}
 	const cold, warm = 10, 30
-	var clients []*rawConn
-	for range cold {
-		c := rawDial(t, addr)
-		c.get(t)
-		clients = append(clients, c)
-	}
+	clients := dialUsed(t, addr, cold)
 	// The first ones go cold: nothing read from them for warmWindow.
 	coldSince := time.Now()
 	eventually(t, func() bool { return time.Since(coldSince) > warmWindow }, "the first connections to go cold")
-	for range warm {
-		c := rawDial(t, addr)
-		c.get(t)
-		clients = append(clients, c)
-	}
+	clients = append(clients, dialUsed(t, addr, warm)...)
 	eventually(t, func() bool { return idleCount(a) == cold+warm }, "idle connections")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

@@ -130,9 +130,13 @@ func (u *Upgrader) run() {
 			}
 		case o := <-attempt:
 			attempt = nil
-			reply(g.Done(), o)
+			// Settled and counted first: the PID file is right again (and what
+			// a killed new process left swept), and the metrics count it, when
+			// the verdict is given.
+			handed := u.settle(o)
 			u.observe(o)
-			if u.settle(o) {
+			reply(g.Done(), o)
+			if handed {
 				g.HandOff()
 				return
 			}
@@ -150,11 +154,12 @@ func (u *Upgrader) run() {
 			go func(c chan outcome) {
 				defer close(u.finishing)
 				o := <-c
-				reply(waiting, o)
+				handed := u.settle(o)
 				u.observe(o)
+				reply(waiting, o)
 				// Unless the new process became ready at that very moment
 				// (it then serves), this is a final stop.
-				if !u.settle(o) {
+				if !handed {
 					u.stopTableflip()
 				}
 			}(attempt)

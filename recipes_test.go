@@ -116,6 +116,13 @@ func testRecipe(t *testing.T, rc recipe) {
 		gens = append(gens, cur)
 		all = append(all, cur...)
 	}
+	// The load runs on until the generation before the last has drained and
+	// exited: the last one then has had fresh connections to answer (stopped
+	// at once, a loaded host could leave it none).
+	prev := gens[len(gens)-2]
+	itest.Eventually(t, 30*time.Second, func() bool {
+		return !slices.ContainsFunc(prev, itest.Alive)
+	}, "the children %v of the generation before the last to exit", prev)
 
 	res, sent := load.Stop()
 	load.Check(t, res, sent)

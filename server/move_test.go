@@ -202,13 +202,9 @@ func TestDrainToKeepsBufferedBytes(t *testing.T) {
 	io.ReadAll(resp.Body)
 	eventually(t, func() bool { return idleCount(a) == 1 }, "idle with 2 bytes buffered")
 
-	drained := make(chan Report, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		rep, _ := a.DrainTo(ctx, mover)
-		drained <- rep
-	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	drained := drainToAsync(a, ctx, mover)
 	eventually(t, func() bool { return a.Draining() }, "draining")
 	_, err = io.WriteString(c, "T / HTTP/1.1\r\nHost: x\r\n\r\n")
 	require.NoError(t, err)
@@ -232,13 +228,9 @@ func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
 	c := rawDial(t, addr)
 	c.get(t)
 	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
-	drained := make(chan Report, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		rep, _ := a.DrainTo(ctx, mover)
-		drained <- rep
-	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	drained := drainToAsync(a, ctx, mover)
 	eventually(t, func() bool { return a.Draining() }, "draining")
 	body, closing := c.get(t)
 	assert.Equal(t, "old", body)
@@ -406,13 +398,9 @@ func TestDrainToWithAMoverThatMovesNothing(t *testing.T) {
 	c := rawDial(t, addr)
 	c.get(t)
 	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
-	drained := make(chan Report, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		rep, _ := a.DrainTo(ctx, refusing{pm})
-		drained <- rep
-	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	drained := drainToAsync(a, ctx, refusing{pm})
 	eventually(t, func() bool { return a.Draining() }, "draining")
 	body, closing := c.get(t)
 	assert.Equal(t, "old", body)

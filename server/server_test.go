@@ -86,10 +86,13 @@ func eventually(t *testing.T, cond func() bool, msg string) {
 	require.Eventually(t, cond, 5*time.Second, time.Millisecond, msg)
 }
 
-func drainAsync(s *Server, ctx context.Context) <-chan Report {
+func drainAsync(s *Server, ctx context.Context) <-chan Report { return drainToAsync(s, ctx, nil) }
+
+// drainToAsync runs DrainTo(ctx, m) and delivers its report.
+func drainToAsync(s *Server, ctx context.Context, m Mover) <-chan Report {
 	c := make(chan Report, 1)
 	go func() {
-		rep, _ := s.Drain(ctx)
+		rep, _ := s.DrainTo(ctx, m)
 		c <- rep
 	}()
 	return c

@@ -25,6 +25,7 @@ import (
 	"syscall"
 
 	"github.com/handoff-dev/handoff/internal/supervisor"
+	"github.com/handoff-dev/handoff/upgrader"
 )
 
 // version is set at build time: go build -ldflags "-X main.version=v1.2.3".
@@ -77,7 +78,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "serve", "run":
 		// Until the signal handlers are in place, a SIGHUP (a reload sent too
 		// early) must not kill the process, as its default action would.
-		signal.Ignore(syscall.SIGHUP)
+		// A new generation catches it from before main already.
+		if !upgrader.EarlySignals() {
+			signal.Ignore(syscall.SIGHUP)
+		}
 	}
 	switch args[0] {
 	case "serve":

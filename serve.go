@@ -104,6 +104,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		Version:        version,
 		ControlPath:    defaultControl(*controlPath, *pidFile),
 		InFlight:       srv.InFlight,
+		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
 	}
 	if *preflight {
@@ -182,6 +183,10 @@ func serveCmd(args []string, stderr io.Writer) int {
 	select {
 	case <-upg.Done():
 	case err := <-serveErr:
+		if errors.Is(err, server.ErrDraining) {
+			<-upg.Done() // StopAccepting: a new generation took over, and Done follows
+			break
+		}
 		log.Error("serving failed", "error", err)
 		upg.Stop()
 		code = exitFailure

@@ -101,6 +101,7 @@ type Server struct {
 
 	initErr  error
 	draining atomic.Bool
+	stopped  atomic.Bool // StopAccepting was called, or a drain began
 	inFlight atomic.Int64
 	idle     chan struct{} // a token when inFlight drops to zero while draining
 	answered atomic.Int64  // requests finished since the drain began
@@ -198,7 +199,7 @@ func (s *Server) serve(ln net.Listener, tls bool, certFile, keyFile string) erro
 	}
 	l := &listener{Listener: ln, s: s, tls: tls}
 	s.mu.Lock()
-	if s.draining.Load() {
+	if s.stopped.Load() {
 		s.mu.Unlock()
 		ln.Close()
 		return ErrDraining
@@ -213,7 +214,7 @@ func (s *Server) serve(ln net.Listener, tls bool, certFile, keyFile string) erro
 	} else {
 		err = s.srv.Serve(l)
 	}
-	if s.draining.Load() {
+	if s.stopped.Load() {
 		return ErrDraining
 	}
 	return err
@@ -229,6 +230,27 @@ func (s *Server) RegisterOnDrain(f func()) {
 
 // InFlight is the number of requests being answered now.
 func (s *Server) InFlight() int64 { return s.inFlight.Load() }
+
+// StopAccepting closes the listeners at once, and every Serve returns
+// ErrDraining; a Serve called later too. The connections already accepted are
+// served as before, until Drain or DrainTo drains them. It is for the moment a
+// new generation has taken over (upgrader.Options.StopAccepting): the new one
+// then takes every new connection, without waiting for the drain to be set up.
+func (s *Server) StopAccepting() {
+	s.init()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopAcceptingLocked()
+}
+
+func (s *Server) stopAcceptingLocked() {
+	if s.stopped.Swap(true) {
+		return
+	}
+	for l := range s.listeners {
+		l.Listener.Close()
+	}
+}
 
 // Draining reports whether a drain has begun.
 func (s *Server) Draining() bool { return s.draining.Load() }
@@ -269,6 +291,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 		moves = false // the next generation takes none: idle connections stay, as steady state would keep them
 	}
 	s.draining.Store(true)
+	s.stopAcceptingLocked()
 	s.drainStart = time.Now()
 	if moves {
 		// Connections used lately move first, all at once: their clients
@@ -279,9 +302,6 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 				s.hot[c] = struct{}{}
 			}
 		}
-	}
-	for l := range s.listeners {
-		l.Listener.Close()
 	}
 	for _, f := range s.onDrain {
 		go f()

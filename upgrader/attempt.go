@@ -106,7 +106,13 @@ const backstop = 5 * time.Second
 // else is killed. If it becomes ready meanwhile, it serves.
 func (u *Upgrader) waitReady(ch *childChannel) error {
 	res := make(chan error, 1)
-	go func() { res <- u.tableflipUpgrade() }()
+	go func() {
+		err := u.tableflipUpgrade()
+		if err == nil && u.opts.StopAccepting != nil {
+			u.opts.StopAccepting() // the new generation serves: it takes the connections from now on
+		}
+		res <- err
+	}()
 	timer := time.NewTimer(u.opts.UpgradeTimeout)
 	defer timer.Stop()
 	var why error

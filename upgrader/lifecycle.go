@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/signal"
 	"strings"
 	"syscall"
 	"time"
@@ -155,24 +154,6 @@ func (u *Upgrader) HandleSignals() {
 	u.sigC, u.sigSet = notifySignals()
 	<-u.sigSet
 	go u.handleSignals(u.sigC)
-}
-
-// notifySignals starts the Notify of HandleSignals in the background: sigSet
-// is closed once c receives the signals.
-func notifySignals() (c chan os.Signal, sigSet chan struct{}) {
-	c, sigSet = make(chan os.Signal, 16), make(chan struct{})
-	go func() {
-		signal.Notify(c, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-		close(sigSet)
-	}()
-	return c, sigSet
-}
-
-// stopSignals undoes notifySignals.
-func stopSignals(c chan os.Signal, sigSet chan struct{}) {
-	<-sigSet // Notify, then Stop: never the other way round
-	signal.Stop(c)
-	close(c)
 }
 
 func (u *Upgrader) handleSignals(c chan os.Signal) {

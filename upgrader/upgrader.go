@@ -64,6 +64,12 @@ type Options struct {
 	// generation attempts and of every request it refuses (ErrUpgradeInProgress,
 	// ErrParentDraining...), from the owner goroutine: it must not block.
 	OnUpgrade func(Result, error)
+	// StopAccepting, if set, is called once a new generation has said it is
+	// ready, before anything else (Done is closed a moment later): it should
+	// close this generation's listeners, so that the new one takes every
+	// connection from then on, and must not block. server.Server's
+	// StopAccepting does this; the drain starts after Done as before.
+	StopAccepting func()
 	// Handover, if set, is called when an upgrade starts; what it returns (at
 	// most MaxHandover bytes) reaches the new generation, as Inherited: counters
 	// that describe the service, say.
@@ -145,8 +151,10 @@ func New(opts Options) (_ *Upgrader, err error) {
 		sigC    chan os.Signal
 		sigSet  chan struct{}
 	)
-	if opts.HandleSignals {
+	if sigC, sigSet = takeEarlySignals(opts.HandleSignals); sigC == nil && opts.HandleSignals {
 		sigC, sigSet = notifySignals()
+	}
+	if sigC != nil {
 		defer func() {
 			if err != nil {
 				stopSignals(sigC, sigSet)

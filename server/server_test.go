@@ -303,3 +303,37 @@ func TestDrainWaitsForCutHandlers(t *testing.T) {
 	rep, _ = s2.Drain(ctx2)
 	assert.Equal(t, int64(1), rep.Running, "a handler that ignores its context is reported")
 }
+
+// StopAccepting closes the listeners at once, and Serve returns ErrDraining,
+// but the connections already accepted are served as in steady state (no
+// Connection: close) until the drain, which then finds them.
+func TestStopAcceptingKeepsAcceptedConnectionsServing(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	s := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), IdleGrace: time.Millisecond}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ln) }()
+	c := dial(t, ln.Addr().String())
+	assert.False(t, c.get("/").Close)
+
+	s.StopAccepting()
+	select {
+	case err := <-served:
+		assert.ErrorIs(t, err, ErrDraining, "Serve says it stopped for a drain, not that it failed")
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after StopAccepting")
+	}
+	_, err = net.Dial("tcp", ln.Addr().String())
+	assert.Error(t, err, "the listener is closed")
+	assert.False(t, s.Draining())
+	assert.False(t, c.get("/").Close, "an accepted connection is served as before: no drain yet")
+
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	assert.ErrorIs(t, s.Serve(ln2), ErrDraining, "no Serve once it stopped accepting")
+	s.StopAccepting() // again: nothing more to do
+
+	rep := waitReport(t, drainAsync(s, context.Background()))
+	assert.Equal(t, 1, rep.ClosedIdle, "the drain found the connection accepted before")
+	assert.True(t, c.closedByServer())
+}

@@ -157,21 +157,39 @@ func (u *Upgrader) HandleSignals() {
 }
 
 func (u *Upgrader) handleSignals(c chan os.Signal) {
-	stops := 0
 	for sig := range c {
-		switch sig {
-		case syscall.SIGHUP:
-			u.signalUpgrade()
+		u.onSignal(sig)
+	}
+}
+
+// onSignal acts on one signal; it is called by one goroutine at a time.
+func (u *Upgrader) onSignal(sig os.Signal) {
+	switch sig {
+	case syscall.SIGHUP:
+		u.signalUpgrade()
+	default:
+		u.stops++
+		u.log.Info("stop requested", "signal", sig.String(), "count", u.stops)
+		if u.stops == 1 {
+			u.handover.Lock() // before Ready hands over, or after: not during
+			u.Stop()
+			u.handover.Unlock()
+		} else {
+			u.forceOnce.Do(func() { close(u.forcedC) })
+		}
+	}
+}
+
+// takePending acts on the signals already caught (since package init, see
+// EarlySignals), before New returns: a stop sent before New is then a stop
+// before Ready, which fails.
+func (u *Upgrader) takePending(c chan os.Signal) {
+	for {
+		select {
+		case sig := <-c:
+			u.onSignal(sig)
 		default:
-			stops++
-			u.log.Info("stop requested", "signal", sig.String(), "count", stops)
-			if stops == 1 {
-				u.handover.Lock() // before Ready hands over, or after: not during
-				u.Stop()
-				u.handover.Unlock()
-			} else {
-				u.forceOnce.Do(func() { close(u.forcedC) })
-			}
+			return
 		}
 	}
 }

@@ -29,8 +29,8 @@ func init() {
 // EarlySignals reports whether this process, a new generation whose previous
 // one used Options.HandleSignals, has caught SIGHUP, SIGTERM and SIGINT since
 // this package's init, for New to take over. A program that ignores SIGHUP
-// until New, so that a reload sent too early cannot kill it, must not then:
-// signal.Ignore would undo the catching.
+// until New, so that a reload sent too early cannot kill it, need not then: a
+// signal.Ignore would lose a SIGHUP sent meanwhile (New catches it again).
 func EarlySignals() bool { return early.c != nil }
 
 // takeEarlySignals returns the notification started at init for New, if
@@ -45,8 +45,21 @@ func takeEarlySignals(handle bool) (chan os.Signal, chan struct{}) {
 	} else {
 		os.Unsetenv(earlySignalsEnv)
 	}
-	if c == nil || handle {
-		return c, set
+	if c == nil {
+		return nil, nil
+	}
+	if handle {
+		// A signal.Ignore since init (a program that ignores SIGHUP until
+		// New, say) took that signal off c: Notify again, in the background
+		// like the first (Ready waits for it). It costs nothing for the
+		// signals c still receives.
+		again := make(chan struct{})
+		go func() {
+			<-set
+			signal.Notify(c, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+			close(again)
+		}()
+		return c, again
 	}
 	<-set
 	signal.Stop(c)

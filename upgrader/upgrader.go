@@ -140,6 +140,7 @@ type Upgrader struct {
 	lastTee        *stderrTee // the successful attempt\'s, until its copy is done
 	sigC           chan os.Signal
 	sigSet         chan struct{}         // closed once sigC is notified
+	stops          int                   // SIGTERMs and SIGINTs so far; only the goroutine that reads sigC touches it
 	pidPrep        chan *pidfile.Pending // a new generation's PID file, written ahead; taken by takePIDPrep
 }
 
@@ -295,10 +296,11 @@ func New(opts Options) (_ *Upgrader, err error) {
 	} else {
 		close(u.parentC)
 	}
+	go u.run()
 	if sigC != nil {
+		u.takePending(sigC)
 		go u.handleSignals(sigC)
 	}
-	go u.run()
 	return u, nil
 }
 

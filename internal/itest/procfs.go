@@ -186,6 +186,26 @@ func HasSocketInode(pid int, inode uint64) bool {
 // VmHWM returns the peak resident set size of pid in KiB.
 func VmHWM(pid int) (int64, bool) { return statusKiB(pid, "VmHWM:") }
 
+// Catches reports whether pid has a handler for sig (SigCgt in
+// /proc/PID/status), and does not ignore it (SigIgn).
+func Catches(pid int, sig syscall.Signal) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	mask := func(key string) uint64 {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, key); ok {
+				m, _ := strconv.ParseUint(strings.TrimSpace(rest), 16, 64)
+				return m
+			}
+		}
+		return 0
+	}
+	bit := uint64(1) << (sig - 1)
+	return mask("SigCgt:")&bit != 0 && mask("SigIgn:")&bit == 0
+}
+
 // VmRSS returns the resident set size of pid in KiB.
 func VmRSS(pid int) (int64, bool) { return statusKiB(pid, "VmRSS:") }
 

@@ -9,7 +9,10 @@
 // With --notready-mode panic it panics right after taking the listeners,
 // before serving: a new generation that crashes holding the sockets. With
 // --notready-mode ready-on-usr1 it calls Ready when it gets SIGUSR1, and logs
-// what Ready returned.
+// what Ready returned. With --notready-mode new-after-sigterm it waits for a
+// SIGTERM before it even calls upgrader.New (with Options.HandleSignals), then
+// calls Ready at once, and logs what Ready returned: package upgrader must have
+// caught that SIGTERM too (see upgrader.EarlySignals), and fail Ready.
 package main
 
 import (
@@ -55,7 +58,7 @@ func run(args []string) int {
 	fs.String("log-format", "json", "ignored: always JSON")
 	fs.Bool("preflight", false, "ignored")
 	check := fs.Bool("check", false, "print ok and exit 0")
-	mode := fs.String("notready-mode", "notready", "notready (serve, never ready), panic (panic after taking the listeners) or ready-on-usr1 (call Ready at SIGUSR1)")
+	mode := fs.String("notready-mode", "notready", "notready (serve, never ready), panic (panic after taking the listeners), ready-on-usr1 (call Ready at SIGUSR1) or new-after-sigterm (call New once a SIGTERM came, then Ready)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -68,9 +71,18 @@ func run(args []string) int {
 	if ctlPath == "" && *pidFile != "" {
 		ctlPath = *pidFile + ".sock"
 	}
+	if *mode == "new-after-sigterm" {
+		term := make(chan os.Signal, 1)
+		signal.Notify(term, syscall.SIGTERM)
+		log.Info("waiting for SIGTERM to call New", "early_signals", upgrader.EarlySignals())
+		<-term
+		// Stop waits for the delivery under way: every channel that wants
+		// SIGTERM has it by then.
+		signal.Stop(term)
+	}
 	srv := &server.Server{Handler: mux()}
 	upg, err := upgrader.New(upgrader.Options{PIDFile: *pidFile, ControlPath: ctlPath, Version: version,
-		Logger: log, InFlight: srv.InFlight})
+		Logger: log, InFlight: srv.InFlight, HandleSignals: *mode == "new-after-sigterm"})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "testdata-notready: %v\n", err)
 		return 1
@@ -97,11 +109,13 @@ func run(args []string) int {
 	if *mode == "panic" {
 		panic(fmt.Sprintf("testdata-notready: pid %d panics on purpose holding %v", os.Getpid(), specs))
 	}
-	if *mode == "ready-on-usr1" {
-		usr1 := make(chan os.Signal, 1)
-		signal.Notify(usr1, syscall.SIGUSR1)
-		log.Info("waiting for SIGUSR1 to call Ready")
-		<-usr1
+	if *mode == "ready-on-usr1" || *mode == "new-after-sigterm" {
+		if *mode == "ready-on-usr1" {
+			usr1 := make(chan os.Signal, 1)
+			signal.Notify(usr1, syscall.SIGUSR1)
+			log.Info("waiting for SIGUSR1 to call Ready")
+			<-usr1
+		}
 		if err := upg.Ready(); err != nil {
 			log.Info("ready failed", "error", err.Error())
 		} else {

@@ -43,6 +43,10 @@ func (u *Upgrader) Ready() error {
 				pending = pidfile.Prepare(u.opts.PIDFile, os.Getpid())
 			}
 		}
+		if err = pending.Err(); err != nil {
+			pending.Discard()
+			return
+		}
 		if err = restoreStderr(u.tf); err != nil {
 			pending.Discard()
 			return
@@ -60,20 +64,25 @@ func (u *Upgrader) Ready() error {
 			err = fmt.Errorf("stop requested before ready: %w", ErrStopping)
 			return
 		}
-		if err = pending.Commit(); err != nil {
-			return
-		}
-		// The report goes first: the parent reads it once tableflip says ready.
-		if err = u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
-			Moves: u.moved != nil}); err != nil {
-			u.log.Warn("cannot report to previous generation", "error", err)
-			err = nil
-		}
 		if err = u.tf.Ready(); err != nil {
+			pending.Discard()
 			err = fmt.Errorf("signal ready: %w", err)
 			return
 		}
 		close(u.readyC)
+		// This generation serves from here: the previous one has stopped
+		// accepting (Options.StopAccepting). What follows is off the
+		// critical path of the upgrade; the previous generation waits for
+		// the report (reportTimeout) before it gives its verdict. A PID
+		// file that cannot be put in place now (Err checked what can be
+		// checked before) is logged: this generation serves all the same.
+		if cerr := pending.Commit(); cerr != nil {
+			u.log.Error("cannot write pid file", "error", cerr)
+		}
+		if rerr := u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
+			Moves: u.moved != nil}); rerr != nil {
+			u.log.Warn("cannot report to previous generation", "error", rerr)
+		}
 		if u.tf.HasParent() {
 			// The upgrade that made this generation, as this generation saw it.
 			arrived := control.NewOutcome(control.Result{PID: os.Getpid(), Version: u.opts.Version,

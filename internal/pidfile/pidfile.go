@@ -73,6 +73,22 @@ func Prepare(path string, pid int) *Pending {
 	return p
 }
 
+// Err returns what Commit would fail with, as far as can be told before it:
+// Prepare's error, or something at path that is neither a file nor a symlink
+// (a directory, say). A nil Pending has none.
+func (p *Pending) Err() error {
+	if p == nil {
+		return nil
+	}
+	if p.err != nil {
+		return p.err
+	}
+	if fi, err := os.Lstat(p.path); err == nil && !fi.Mode().IsRegular() && fi.Mode()&fs.ModeSymlink == 0 {
+		return fmt.Errorf("%w %s: %s is there, not a file", ErrPIDFile, p.path, fi.Mode().Type())
+	}
+	return nil
+}
+
 // Commit puts the prepared file in place of path, atomically. A nil Pending
 // (no PID file) commits nothing.
 //

@@ -74,13 +74,21 @@ func TestPrepareCommitDiscardSweep(t *testing.T) {
 	assert.Equal(t, "4242\n", string(b))
 	asDir := filepath.Join(dir, "dir.pid")
 	require.NoError(t, os.Mkdir(asDir, 0o755))
-	assert.ErrorIs(t, Prepare(asDir, 7).Commit(), ErrPIDFile)
+	dp := Prepare(asDir, 7)
+	assert.ErrorIs(t, dp.Err(), ErrPIDFile, "Err tells before Commit")
+	assert.ErrorIs(t, dp.Commit(), ErrPIDFile)
 	assert.DirExists(t, asDir)
 	left, _ := filepath.Glob(filepath.Join(dir, ".dir.pid.tmp-*"))
 	assert.Empty(t, left, "a failed commit leaves no temporary file")
 
 	missing := filepath.Join(dir, "no", "such", "dir", "app.pid")
+	assert.ErrorIs(t, Prepare(missing, 1).Err(), ErrPIDFile)
 	assert.ErrorIs(t, Prepare(missing, 1).Commit(), ErrPIDFile)
+	var none *Pending
+	assert.NoError(t, none.Err())
+	fine := Prepare(path, 5)
+	assert.NoError(t, fine.Err())
+	fine.Discard()
 	Prepare(missing, 1).Discard() // nothing to remove, no panic
 }
 

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -16,37 +17,55 @@ const maxSlowMS = 60000
 // newMux is the reference application: / and /hello/{name} greet, /healthz
 // answers ok, /slow?ms=N answers after N milliseconds, /ws echoes WebSocket
 // messages (ws.go); every response carries the serving process's PID and
-// version in Handoff-Pid and Handoff-Version.
+// version in Handoff-Pid and Handoff-Version. It routes by hand, as
+// http.ServeMux would (404 for other paths, 405 with Allow for methods other
+// than GET and HEAD): registering patterns with a ServeMux cost each new
+// generation 0.1 ms of CPU on the critical path of an upgrade.
 func newMux(hub *wsHub) http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", hub.serveWS)
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "Hello World !!!")
-	})
-	mux.HandleFunc("GET /hello/{name}", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "Hello %s!!!", r.PathValue("name"))
-	})
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "ok")
-	})
-	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
-		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
-		if err != nil || ms < 0 || ms > maxSlowMS {
-			http.Error(w, fmt.Sprintf("ms must be an integer from 0 to %d", maxSlowMS), http.StatusBadRequest)
-			return
-		}
-		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			fmt.Fprintf(w, "slept %d ms", ms)
-		case <-r.Context().Done():
-		}
-	})
 	pid := strconv.Itoa(os.Getpid())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Handoff-Pid", pid)
-		w.Header().Set("Handoff-Version", version)
-		mux.ServeHTTP(w, r)
+		h := w.Header()
+		h.Set("Handoff-Pid", pid)
+		h.Set("Handoff-Version", version)
+		path := r.URL.Path
+		name, hello := strings.CutPrefix(path, "/hello/")
+		hello = hello && name != "" && !strings.Contains(name, "/")
+		if !hello && path != "/" && path != "/healthz" && path != "/slow" && path != "/ws" {
+			http.NotFound(w, r)
+			return
+		}
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			h.Set("Allow", "GET, HEAD")
+			http.Error(w, http.StatusText(http.StatusMethodNotAllowed), http.StatusMethodNotAllowed)
+			return
+		}
+		switch {
+		case hello:
+			fmt.Fprintf(w, "Hello %s!!!", name)
+		case path == "/":
+			io.WriteString(w, "Hello World !!!")
+		case path == "/healthz":
+			io.WriteString(w, "ok")
+		case path == "/ws":
+			hub.serveWS(w, r)
+		default: // /slow
+			serveSlow(w, r)
+		}
 	})
+}
+
+// serveSlow answers /slow?ms=N after N milliseconds, or when the client goes.
+func serveSlow(w http.ResponseWriter, r *http.Request) {
+	ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+	if err != nil || ms < 0 || ms > maxSlowMS {
+		http.Error(w, fmt.Sprintf("ms must be an integer from 0 to %d", maxSlowMS), http.StatusBadRequest)
+		return
+	}
+	t := time.NewTimer(time.Duration(ms) * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		fmt.Fprintf(w, "slept %d ms", ms)
+	case <-r.Context().Done():
+	}
 }

@@ -1,12 +1,14 @@
 package upgrader
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -94,7 +96,7 @@ func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 	}
 	var h hello
 	if err == nil {
-		if err = json.Unmarshal(buf[:n], &h); err != nil {
+		if h, err = decodeHello(buf[:n]); err != nil {
 			err = fmt.Errorf("decode hello from parent: %w", err)
 		}
 	} else {
@@ -105,6 +107,23 @@ func claimParentChannel(tf *tableflip.Upgrader) (*parentChannel, hello, error) {
 		return nil, hello{}, err
 	}
 	return p, h, nil
+}
+
+// decodeHello decodes the hello. The usual one, {"generation":N}, is read by
+// hand: encoding/json's first Unmarshal in a process builds its reflection
+// caches, 0.05 to 0.1 ms on the critical path of an upgrade. Any other goes
+// through json.Unmarshal.
+func decodeHello(b []byte) (hello, error) {
+	if rest, ok := bytes.CutPrefix(b, []byte(`{"generation":`)); ok {
+		if digits, ok := bytes.CutSuffix(rest, []byte("}")); ok {
+			if g, err := strconv.Atoi(string(digits)); err == nil && g >= 0 {
+				return hello{Generation: g}, nil
+			}
+		}
+	}
+	var h hello
+	err := json.Unmarshal(b, &h)
+	return h, err
 }
 
 // dial makes conn of f.

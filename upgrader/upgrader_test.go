@@ -292,3 +292,19 @@ func TestDrainContextEndsOnForce(t *testing.T) {
 	<-ctx2.Done()
 	assert.ErrorIs(t, context.Cause(ctx2), context.DeadlineExceeded)
 }
+
+// decodeHello reads the usual hello by hand and any other with encoding/json,
+// with the same result as json.Unmarshal.
+func TestDecodeHello(t *testing.T) {
+	for _, h := range []hello{{Generation: 2}, {Generation: 12345}, {Generation: 3, Handover: []byte("counters")}, {Type: msgAbort}} {
+		b, err := json.Marshal(h)
+		require.NoError(t, err)
+		got, err := decodeHello(b)
+		require.NoError(t, err, "%s", b)
+		assert.Equal(t, h, got, "%s", b)
+	}
+	for _, bad := range []string{``, `{"generation":}`, `{"generation":x}`, `{"generation":-1`} {
+		_, err := decodeHello([]byte(bad))
+		assert.Error(t, err, "%q", bad)
+	}
+}

@@ -58,7 +58,10 @@ func (u *Upgrader) attempt() (o outcome) {
 			h.Handover = nil
 		}
 	}
-	if err := ch.prepare(h); err != nil {
+	u.mu.Lock() // warmUp and settle prime the channel under it
+	err = ch.hello(h)
+	u.mu.Unlock()
+	if err != nil {
 		return outcome{err: fmt.Errorf("prepare child channel: %w", err)}
 	}
 	u.log.Info("starting new generation", "binary", u.binary)
@@ -255,8 +258,11 @@ func (u *Upgrader) warmUp() {
 	if isClosed(u.closingC) {
 		return // Close closes the channels under u.mu after closingC
 	}
-	if _, err := u.childChannelLocked(); err == nil {
+	if ch, err := u.childChannelLocked(); err == nil {
 		u.passStderrLocked()
+		if u.opts.Handover == nil {
+			ch.prime(u.generation + 1)
+		}
 	}
 }
 

@@ -206,6 +206,7 @@ func (p *parentChannel) sendReport(r report) error {
 type childChannel struct {
 	mine   *net.UnixConn // we read reports here
 	theirs *net.UnixConn // our copy of the children's end, kept to discard stale hellos
+	primed int           // the generation of a plain hello queued ahead (prime), for the next attempt; 0: none
 }
 
 func newChildChannel(tf *tableflip.Upgrader) (*childChannel, error) {
@@ -245,11 +246,32 @@ func fileUnixConn(fd int, name string) (*net.UnixConn, error) {
 // prepare discards what an earlier, failed child left on the channel and queues
 // the hello for the next one.
 func (c *childChannel) prepare(h hello) error {
+	c.primed = 0
 	discard(c.mine)
 	discard(c.theirs)
 	b, _ := json.Marshal(h)
 	_, err := c.mine.Write(b)
 	return err
+}
+
+// prime queues the plain hello of generation ahead of the attempt, off the
+// critical path of the upgrade: the attempt then sends it as it is (see
+// hello), unless Options.Handover adds to it.
+func (c *childChannel) prime(generation int) {
+	if c.prepare(hello{Generation: generation}) == nil {
+		c.primed = generation
+	}
+}
+
+// hello queues h for the attempt, unless it is queued already (prime); the
+// child takes it.
+func (c *childChannel) hello(h hello) error {
+	primed := c.primed
+	c.primed = 0
+	if primed != 0 && primed == h.Generation && h.Type == "" && h.Handover == nil {
+		return nil
+	}
+	return c.prepare(h)
 }
 
 // readReport waits up to timeout for the new generation's report, skipping its

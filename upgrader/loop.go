@@ -181,6 +181,12 @@ func (u *Upgrader) settle(o outcome) bool {
 			}
 			pidfile.Sweep(u.opts.PIDFile)
 		}
+		// The next attempt's hello, queued now that this one's child is gone.
+		u.mu.Lock()
+		if u.children != nil && u.opts.Handover == nil && !isClosed(u.closingC) {
+			u.children.prime(u.generation + 1)
+		}
+		u.mu.Unlock()
 		return false
 	}
 	u.mu.Lock()

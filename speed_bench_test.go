@@ -8,11 +8,15 @@ package main_test
 // Run them with -v: without it the testing package keeps only the first 10
 // lines of a benchmark's output, and the tables are longer.
 //
-// BenchmarkUpgradeSpeed (about 3 minutes) has sub-benchmarks:
+// BenchmarkUpgradeSpeed (about 4 minutes) has sub-benchmarks. handoff is
+// built as it is shipped, CGO_ENABLED=0 (README, Set up); tableflip's example
+// as its documentation builds it, go build, which links cgo where a C
+// compiler is found. The -cgo and -static runs build each the other way, for
+// the comparison build for build:
 //
 //   - exec: the exec of the binaries alone, 30 times each (/bin/true,
-//     handoff version as built for the upgrades, with cgo, and built with
-//     CGO_ENABLED=0), and the package inits of handoff (GODEBUG=inittrace=1);
+//     handoff version as shipped, and built with cgo), and the package
+//     inits of handoff (GODEBUG=inittrace=1);
 //   - handoff: 20 upgrades of handoff serve, one SIGHUP a second, under the
 //     load of BenchmarkUpgradeUnderLoad, broken down stage by stage from the
 //     SIGHUP to the first answer by the new PID and to the old process's exit;
@@ -22,8 +26,12 @@ package main_test
 //   - interleaved: handoff and the example at once, the example's SIGHUPs
 //     half a second after handoff's, each under half the load, so that the
 //     machine's other work falls on both alike;
-//   - handoff-static: as handoff, every new generation built with
-//     CGO_ENABLED=0;
+//   - interleaved-static: the same, the example built with CGO_ENABLED=0,
+//     as handoff is;
+//   - interleaved-cgo: the same, every new generation of handoff built with
+//     cgo, as the example is;
+//   - handoff-cgo: as handoff, every new generation built with cgo;
+//   - tfexample-static: as tfexample, built with CGO_ENABLED=0;
 //   - handoff-inittrace: 10 upgrades with GODEBUG=inittrace=1, to place the
 //     end of the new generation's package inits.
 //
@@ -88,17 +96,17 @@ func BenchmarkUpgradeSpeed(b *testing.B) {
 		b.Logf("no process connector (%v): the fork, exec and exit rows are empty", evErr)
 	}
 	var (
-		static     string
-		staticOnce sync.Once
-		execs      *spExecs
-		runs       = map[string]*spRun{}
+		cgo     string
+		cgoOnce sync.Once
+		execs   *spExecs
+		runs    = map[string]*spRun{}
 	)
-	staticBin := func() string { // built in b's directory: it outlives the sub-benchmarks
-		staticOnce.Do(func() { static = spBuildStatic(b) })
-		return static
+	cgoBin := func() string { // built in b's directory: it outlives the sub-benchmarks
+		cgoOnce.Do(func() { cgo = spBuildCgo(b) })
+		return cgo
 	}
 	b.Run("exec", func(b *testing.B) {
-		execs = spExecBaseline(b, ev, staticBin())
+		execs = spExecBaseline(b, ev, cgoBin())
 		var t strings.Builder
 		execs.write(&t)
 		b.Log(strings.TrimSuffix(t.String(), "\n"))
@@ -114,32 +122,44 @@ func BenchmarkUpgradeSpeed(b *testing.B) {
 		})
 	}
 	run("handoff", func(b *testing.B) *spRun { return spRunHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades}) })
-	run("tfexample", func(b *testing.B) *spRun { return spRunTableflip(b, ev) })
+	run("tfexample", func(b *testing.B) *spRun { return spRunTableflip(b, ev, false) })
 	// Both at once, so that the machine's other work falls on both alike: the
 	// example's SIGHUPs half a second after handoff's, each load at half
-	// the rate.
-	b.Run("interleaved", func(b *testing.B) {
-		ph := spStartHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades, rate: spRate / 2})
-		pt := spStartTableflip(b, ev, spRate/2)
-		tfUps := make(chan []spUpgrade, 1)
-		go func() {
-			time.Sleep(500 * time.Millisecond)
-			tfUps <- spUpgradeLoop(b, pt.t, spUpgrades, pt.rss)
-		}()
-		hUps := spUpgradeLoop(b, ph.t, spUpgrades, ph.rss)
-		hr, tr := ph.after(hUps), pt.after(<-tfUps)
-		hr.name += ", interleaved"
-		tr.name += ", interleaved"
-		runs["interleaved-handoff"], runs["interleaved-tfexample"] = hr, tr
-		hr.report(b, "handoff-")
-		tr.report(b, "tfexample-")
-	})
-	run("handoff-static", func(b *testing.B) *spRun {
-		if staticBin() == "" {
-			b.Skip("no CGO_ENABLED=0 build")
+	// the rate. "interleaved" runs each as built to be used: handoff as it
+	// is shipped (CGO_ENABLED=0), the example as its documentation builds it
+	// (go build, with cgo); "interleaved-static" runs both with
+	// CGO_ENABLED=0, "interleaved-cgo" both with cgo.
+	interleaved := func(name string, o spHandoffOpts, tfStatic bool) {
+		b.Run(name, func(b *testing.B) {
+			o.upgrades, o.rate = spUpgrades, spRate/2
+			ph := spStartHandoff(b, ev, o)
+			pt := spStartTableflip(b, ev, spRate/2, tfStatic)
+			tfUps := make(chan []spUpgrade, 1)
+			go func() {
+				time.Sleep(500 * time.Millisecond)
+				tfUps <- spUpgradeLoop(b, pt.t, spUpgrades, pt.rss)
+			}()
+			hUps := spUpgradeLoop(b, ph.t, spUpgrades, ph.rss)
+			hr, tr := ph.after(hUps), pt.after(<-tfUps)
+			hr.name += ", " + name
+			tr.name += ", " + name
+			runs[name+"-handoff"], runs[name+"-tfexample"] = hr, tr
+			hr.report(b, "handoff-")
+			tr.report(b, "tfexample-")
+		})
+	}
+	interleaved("interleaved", spHandoffOpts{}, false)
+	interleaved("interleaved-static", spHandoffOpts{}, true)
+	if cgoBin() != "" {
+		interleaved("interleaved-cgo", spHandoffOpts{bin: cgo}, false)
+	}
+	run("handoff-cgo", func(b *testing.B) *spRun {
+		if cgoBin() == "" {
+			b.Skip("no cgo build")
 		}
-		return spRunHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades, static: static})
+		return spRunHandoff(b, ev, spHandoffOpts{upgrades: spUpgrades, bin: cgo})
 	})
+	run("tfexample-static", func(b *testing.B) *spRun { return spRunTableflip(b, ev, true) })
 	run("handoff-inittrace", func(b *testing.B) *spRun {
 		if execs == nil || ev == nil {
 			b.Skip("needs the exec sub-benchmark and the process connector")
@@ -150,7 +170,9 @@ func BenchmarkUpgradeSpeed(b *testing.B) {
 	// Side by side.
 	var t strings.Builder
 	fmt.Fprintf(&t, "SIGHUP -> first answer from the new PID (poller), ms: median of the upgrades done (of those that started at once) | max; load tool's first answer median\n")
-	for _, name := range []string{"handoff", "tfexample", "interleaved-handoff", "interleaved-tfexample", "handoff-static", "handoff-inittrace"} {
+	for _, name := range []string{"handoff", "tfexample", "interleaved-handoff", "interleaved-tfexample",
+		"interleaved-static-handoff", "interleaved-static-tfexample", "interleaved-cgo-handoff", "interleaved-cgo-tfexample",
+		"handoff-cgo", "tfexample-static", "handoff-inittrace"} {
 		if r := runs[name]; r != nil {
 			r.writeSummary(&t)
 		}
@@ -495,8 +517,8 @@ func spLoadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
-// spRunHandoff runs handoff serve through spUpgrades upgrades. With static
-// set, every new generation is that binary (a CGO_ENABLED=0 build).
+// spRunHandoff runs handoff serve through spUpgrades upgrades. With bin set,
+// every new generation is that binary (a build with cgo).
 func spRunHandoff(b *testing.B, ev *spEvents, o spHandoffOpts) *spRun {
 	b.Helper()
 	p := spStartHandoff(b, ev, o)
@@ -515,11 +537,11 @@ type spPrepared struct {
 func spStartHandoff(b *testing.B, ev *spEvents, o spHandoffOpts) *spPrepared {
 	b.Helper()
 	rate := cmpOr(o.rate, spRate)
-	name, static := "handoff serve", o.static
+	name, bin := "handoff serve", o.bin
 	opts := itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "10s"}
 	switch {
-	case static != "":
-		name = "handoff serve, CGO_ENABLED=0 build"
+	case bin != "":
+		name = "handoff serve, built with cgo"
 	case o.inittrace != nil:
 		name = "handoff serve, GODEBUG=inittrace=1"
 		opts.CleanEnv, opts.Env = true, []string{"GODEBUG=inittrace=1"}
@@ -531,8 +553,8 @@ func spStartHandoff(b *testing.B, ev *spEvents, o spHandoffOpts) *spPrepared {
 	t := spTarget{
 		addr: s.Addr, pidFile: s.PIDFile, logs: s.Logs,
 		deploy: func() {
-			if static != "" {
-				s.DeployFile(static, 0o755)
+			if bin != "" {
+				s.DeployFile(bin, 0o755)
 				return
 			}
 			s.Version = itest.NextVersion(s.Version)
@@ -616,7 +638,7 @@ func spHandoffRun(ev *spEvents, o spHandoffOpts, name string, s *itest.Server, u
 type spHandoffOpts struct {
 	upgrades  int
 	rate      int      // of the load; 0: spRate
-	static    string   // every new generation is this binary (a CGO_ENABLED=0 build)
+	bin       string   // every new generation is this binary (a build with cgo)
 	inittrace *spExecs // run with GODEBUG=inittrace=1; the version runs' figures
 }
 
@@ -635,15 +657,16 @@ func spInitLine(line string) (at, ms float64, ok bool) {
 
 // spRunTableflip runs tableflip's documented example (internal/tfexample)
 // through spUpgrades reloads.
-func spRunTableflip(b *testing.B, ev *spEvents) *spRun {
+func spRunTableflip(b *testing.B, ev *spEvents, static bool) *spRun {
 	b.Helper()
-	p := spStartTableflip(b, ev, spRate)
+	p := spStartTableflip(b, ev, spRate, static)
 	return p.after(spUpgradeLoop(b, p.t, spUpgrades, p.rss))
 }
 
 // spStartTableflip builds and starts tableflip's example and its load (rate
-// req/s) for spRunTableflip.
-func spStartTableflip(b *testing.B, ev *spEvents, rate int) *spPrepared {
+// req/s) for spRunTableflip: built as its documentation builds it (go build,
+// with cgo), or with CGO_ENABLED=0 when static is set.
+func spStartTableflip(b *testing.B, ev *spEvents, rate int, static bool) *spPrepared {
 	b.Helper()
 	root, err := itest.ModuleRoot()
 	if err != nil {
@@ -652,7 +675,11 @@ func spStartTableflip(b *testing.B, ev *spEvents, rate int) *spPrepared {
 	load0 := spLoadAvg()
 	dir := b.TempDir()
 	built := filepath.Join(dir, "tfexample.built")
-	if out, err := spGo(root, nil, "build", "-o", built, "./internal/tfexample"); err != nil {
+	var env []string
+	if static {
+		env = []string{"CGO_ENABLED=0"}
+	}
+	if out, err := spGo(root, env, "build", "-o", built, "./internal/tfexample"); err != nil {
 		b.Fatalf("building internal/tfexample: %v\n%s", err, out)
 	}
 	live := filepath.Join(dir, "tfexample")
@@ -691,7 +718,11 @@ func spStartTableflip(b *testing.B, ev *spEvents, rate int) *spPrepared {
 		res, _ := load.Stop()
 		rss.stop()
 		p.Kill()
-		return spTableflipRun(ev, p, ups, res, rss, load0)
+		r := spTableflipRun(ev, p, ups, res, rss, load0)
+		if static {
+			r.name += ", CGO_ENABLED=0 build"
+		}
+		return r
 	}}
 }
 
@@ -758,16 +789,17 @@ func spGo(dir string, env []string, args ...string) ([]byte, error) {
 	return cmd.CombinedOutput()
 }
 
-// spBuildStatic builds handoff with CGO_ENABLED=0 (a static binary, no ld.so,
-// no libc) and returns its path, or "" when the build fails.
-func spBuildStatic(b *testing.B) string {
+// spBuildCgo builds handoff with cgo (go build's default where a C compiler
+// is found: ld.so and libc at every start) and returns its path, or "" when
+// the build fails (no C compiler).
+func spBuildCgo(b *testing.B) string {
 	root, err := itest.ModuleRoot()
 	if err != nil {
 		b.Fatal(err)
 	}
-	out := filepath.Join(b.TempDir(), "handoff-static")
-	if msg, err := spGo(root, []string{"CGO_ENABLED=0"}, "build", "-ldflags", "-X main.version=static", "-o", out, "."); err != nil {
-		b.Logf("CGO_ENABLED=0 build failed, its rows are left out: %v\n%s", err, msg)
+	out := filepath.Join(b.TempDir(), "handoff-cgo")
+	if msg, err := spGo(root, []string{"CGO_ENABLED=1"}, "build", "-ldflags", "-X main.version=cgo", "-o", out, "."); err != nil {
+		b.Logf("the build with cgo failed, its rows are left out: %v\n%s", err, msg)
 		return ""
 	}
 	return out
@@ -1100,16 +1132,16 @@ type spExecRow struct {
 	wall, forkExec, execExit []float64 // ms
 }
 
-// spExecBaseline execs /bin/true, handoff version (the build the upgrades
-// use, with cgo) and, when static is set, its CGO_ENABLED=0 build, 30 times
-// each: wall time of cmd.Run, and with the process connector fork -> exec
-// done and exec done -> exit.
-func spExecBaseline(b *testing.B, ev *spEvents, static string) *spExecs {
+// spExecBaseline execs /bin/true, handoff version (as shipped and as the
+// upgrades run it: CGO_ENABLED=0) and, when cgo is set, its build with cgo,
+// 30 times each: wall time of cmd.Run, and with the process connector fork ->
+// exec done and exec done -> exit.
+func spExecBaseline(b *testing.B, ev *spEvents, cgo string) *spExecs {
 	const n = 30
 	x := &spExecs{}
-	cands := []struct{ name, path string }{{"/bin/true", "/bin/true"}, {"handoff version (cgo, as the upgrades run it)", itest.Binary(b, "handoff-v1")}}
-	if static != "" {
-		cands = append(cands, struct{ name, path string }{"handoff version (CGO_ENABLED=0)", static})
+	cands := []struct{ name, path string }{{"/bin/true", "/bin/true"}, {"handoff version (CGO_ENABLED=0, as shipped)", itest.Binary(b, "handoff-v1")}}
+	if cgo != "" {
+		cands = append(cands, struct{ name, path string }{"handoff version (with cgo)", cgo})
 	}
 	for _, c := range cands {
 		row := spExecRow{name: c.name}

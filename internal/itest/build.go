@@ -95,10 +95,12 @@ func build() (string, error) {
 	type job struct {
 		out  string
 		args []string
+		env  []string
 	}
 	var jobs []job
 	for _, v := range Versions {
-		jobs = append(jobs, job{"handoff-" + v, []string{"-ldflags", "-X main.version=" + v, "."}})
+		// As shipped (README, Set up): static, no ld.so or libc at each start.
+		jobs = append(jobs, job{"handoff-" + v, []string{"-ldflags", "-X main.version=" + v, "."}, []string{"CGO_ENABLED=0"}})
 	}
 	progs, err := filepath.Glob(filepath.Join(root, "testdata", "*", "*.go"))
 	if err != nil {
@@ -109,7 +111,7 @@ func build() (string, error) {
 		name := filepath.Base(filepath.Dir(p))
 		if !seen[name] {
 			seen[name] = true
-			jobs = append(jobs, job{name, []string{"./testdata/" + name}})
+			jobs = append(jobs, job{name, []string{"./testdata/" + name}, nil})
 		}
 	}
 	errs := make([]error, len(jobs))
@@ -121,6 +123,7 @@ func build() (string, error) {
 			args := append([]string{"build", "-o", filepath.Join(dir, j.out)}, j.args...)
 			cmd := exec.CommandContext(ctx, "go", args...)
 			cmd.Dir = root
+			cmd.Env = append(os.Environ(), j.env...)
 			if out, err := cmd.CombinedOutput(); err != nil {
 				errs[i] = fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out)
 			}

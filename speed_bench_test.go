@@ -57,6 +57,7 @@ package main_test
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -1390,6 +1391,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 
 	// Latency of the fast requests: the 2 s before the SIGHUP, the second after.
 	var before, after, afterOld, afterNew []float64
+	var afterSmp []loadgen.Sample
 	slowFrom, slowTo, slowN := int64(-1), int64(-1), 0 // sent in the second after, above 50 ms
 	for _, smp := range res.Samples {
 		if !smp.OK {
@@ -1401,6 +1403,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			before = append(before, ms)
 		case smp.Start >= hup && smp.Start < hup+int64(time.Second):
 			after = append(after, ms)
+			afterSmp = append(afterSmp, smp)
 			if smp.PID == p1 {
 				afterOld = append(afterOld, ms)
 			} else {
@@ -1440,6 +1443,17 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		p99b, len(before), p99a, len(after), ratio, maxOf(after))
 	fmt.Fprintf(&t, "  in the second after: answered by the old pid %d p99 %.2f, by the new %d p99 %.2f; %d above 50 ms, sent %.0f..%.0f ms after the SIGHUP\n",
 		len(afterOld), percentile(afterOld, 99), len(afterNew), percentile(afterNew, 99), slowN, float64(slowFrom)/1e6, float64(slowTo)/1e6)
+	// Where the slowest of the second after were: when they were sent, and who answered.
+	slices.SortFunc(afterSmp, func(a, b loadgen.Sample) int { return cmp.Compare(b.LatencyUS, a.LatencyUS) })
+	var slow []string
+	for _, smp := range afterSmp[:min(12, len(afterSmp))] {
+		who := "new"
+		if smp.PID == p1 {
+			who = "old"
+		}
+		slow = append(slow, fmt.Sprintf("%.2f ms at +%.1f ms by %s", float64(smp.LatencyUS)/1000, float64(smp.Start-hup)/1e6, who))
+	}
+	fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
 	fmt.Fprintf(&t, "SIGHUP -> first answer from new pid %d: %.2f ms (poller, %d polls); -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
 		p2, float64(poll.at-hup)/1e6, poll.polls, float64(drainingAt-hup)/1e6, float64(spLogTime(d)-hup)/1e6, float64(exitAt-hup)/1e6)
 	var newStages []string

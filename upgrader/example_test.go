@@ -16,8 +16,12 @@ import (
 // listener, opens its resources, says Ready; the old one then drains and exits.
 func Example() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	srv := &server.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "Hello World !!!")
+	})}
 	upg, err := upgrader.New(upgrader.Options{PIDFile: "/run/app.pid", Logger: log,
-		HandleSignals: true}) // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
+		HandleSignals: true,               // SIGHUP upgrades; SIGTERM/SIGINT stop, a second one at once
+		StopAccepting: srv.StopAccepting}) // at once when a new generation is ready
 	if err != nil {
 		log.Error("cannot start", "error", err)
 		os.Exit(1)
@@ -30,9 +34,6 @@ func Example() {
 		os.Exit(3)
 	}
 	// Open databases and files here, before Ready: until then the old process serves.
-	srv := &server.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "Hello World !!!")
-	})}
 	go srv.Serve(ln)
 	if moved := upg.Moved(); moved != nil {
 		go srv.Serve(moved) // idle connections the previous generation hands over
@@ -48,5 +49,5 @@ func Example() {
 	// After a handoff, idle keep-alive connections move to the new generation.
 	report, err := srv.DrainTo(ctx, upg.Mover())
 	log.Info("drained", "requests", report.Requests, "moved", report.Moved, "cut", report.Cut, "error", err)
-	// Close databases and files here: no handler runs any more.
+	// Close databases and files here: no handler runs any more (report.Running is 0).
 }

@@ -80,7 +80,9 @@ type Options struct {
 	// HandleSignals, if set, does what the method of that name does, from the
 	// start of New: the setup of the handlers is then off the critical path of
 	// an upgrade, and a SIGTERM that arrives while the generation starts is
-	// handled rather than killing it.
+	// handled rather than killing it. The generations this one starts then
+	// catch the signals from this package's init on (see EarlySignals), and
+	// New acts on those that came before it.
 	HandleSignals bool
 }
 

@@ -8,11 +8,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
-)
 
-// maxSlowMS is the longest /slow?ms= a request may ask for.
-const maxSlowMS = 60000
+	"github.com/handoff-dev/handoff/internal/refapp"
+)
 
 // newMux is the reference application: / and /hello/{name} greet, /healthz
 // answers ok, /slow?ms=N answers after N milliseconds, /ws echoes WebSocket
@@ -49,23 +47,7 @@ func newMux(hub *wsHub) http.Handler {
 		case path == "/ws":
 			hub.serveWS(w, r)
 		default: // /slow
-			serveSlow(w, r)
+			refapp.Slow(w, r)
 		}
 	})
-}
-
-// serveSlow answers /slow?ms=N after N milliseconds, or when the client goes.
-func serveSlow(w http.ResponseWriter, r *http.Request) {
-	ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
-	if err != nil || ms < 0 || ms > maxSlowMS {
-		http.Error(w, fmt.Sprintf("ms must be an integer from 0 to %d", maxSlowMS), http.StatusBadRequest)
-		return
-	}
-	t := time.NewTimer(time.Duration(ms) * time.Millisecond)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		fmt.Fprintf(w, "slept %d ms", ms)
-	case <-r.Context().Done():
-	}
 }

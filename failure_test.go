@@ -468,56 +468,44 @@ func TestFaultServeNewGenerationNeverReady(t *testing.T) {
 // fails, so the old generation does not hand over to a process that is about
 // to drain and exit; it serves on, and the PID file still names it.
 func TestFaultServeStopBeforeReady(t *testing.T) {
-	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "30s", DrainTimeout: "10s"})
-	p1 := s.LivePID()
-	mark := s.Logs.Mark()
-	faultScript(t, s.Live, fmt.Sprintf("exec %q \"$@\" --notready-mode ready-on-usr1\n", itest.Binary(t, "notready")))
-	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
-	w := s.Logs.Wait(t, mark, "waiting for SIGUSR1 to call Ready", nil, 15*time.Second)
-	newPID := w.PID()
-	if newPID <= 1 || newPID == p1 {
-		t.Fatalf("the waiting line names pid %d: %s", newPID, w.Raw)
-	}
-	s.Signal(newPID, syscall.SIGTERM)
-	s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
-	s.Signal(newPID, syscall.SIGUSR1)
-	if l := s.Logs.Wait(t, mark, "ready failed", itest.PIDIs(newPID), 10*time.Second); !strings.Contains(l.Str("error"), "stop requested before ready") {
-		t.Errorf("Ready after a stop: %s, want an error \"stop requested before ready\"", l.Raw)
-	}
-	r := bg.Wait(t, 30*time.Second)
-	if r.Code != 1 || !strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving\n", p1)) {
-		t.Errorf("handoff upgrade: exit %d, want 1 and \"pid %d keeps serving\"\n%v", r.Code, p1, r)
-	}
-	itest.Eventually(t, 10*time.Second, func() bool { return !itest.Alive(newPID) }, "the stopped new process %d to exit", newPID)
-	if pid, err := itest.ReadPIDFile(s.PIDFile); err != nil || pid != p1 {
-		t.Errorf("the PID file names %d (%v), want %d", pid, err, p1)
-	}
-	s.CheckOneProcess(t, p1)
-	s.WaitServing(p1, "v1", 5*time.Second)
+	faultStopBeforeReady(t, "ready-on-usr1", "waiting for SIGUSR1 to call Ready", func(s *itest.Server, mark, newPID int) {
+		s.Signal(newPID, syscall.SIGTERM)
+		s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
+		s.Signal(newPID, syscall.SIGUSR1)
+	})
 }
 
-// A SIGTERM that reaches the new process before it has even called
-// upgrader.New is caught all the same (a new generation of a server that
-// handles signals catches them from package init): New acts on it, Ready
-// fails, and the old generation serves on, as for a stop before Ready.
+// The same, for a SIGTERM that reaches the new process before it has even
+// called upgrader.New: it is caught all the same (a new generation of a
+// server that handles signals catches them from package init), New acts on
+// it, and Ready fails.
 func TestFaultServeStopBeforeNew(t *testing.T) {
+	faultStopBeforeReady(t, "new-after-sigterm", "waiting for SIGTERM to call New", func(s *itest.Server, mark, newPID int) {
+		if w, _, _ := s.Logs.First(mark, "waiting for SIGTERM to call New", itest.PIDIs(newPID)); w.Str("early_signals") != "true" {
+			t.Errorf("the new process does not catch signals from init: %s", w.Raw)
+		}
+		s.Signal(newPID, syscall.SIGTERM)
+		s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
+	})
+}
+
+// faultStopBeforeReady upgrades to testdata/notready in mode, waits for its
+// line waiting, lets stop send the stop, and checks that Ready failed and the
+// old generation serves on.
+func faultStopBeforeReady(t *testing.T, mode, waiting string, stop func(s *itest.Server, mark, newPID int)) {
 	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "30s", DrainTimeout: "10s"})
 	p1 := s.LivePID()
 	mark := s.Logs.Mark()
-	faultScript(t, s.Live, fmt.Sprintf("exec %q \"$@\" --notready-mode new-after-sigterm\n", itest.Binary(t, "notready")))
+	faultScript(t, s.Live, fmt.Sprintf("exec %q \"$@\" --notready-mode %s\n", itest.Binary(t, "notready"), mode))
 	bg := faultStartCLI(t, "upgrade", "--pidfile", s.PIDFile)
-	w := s.Logs.Wait(t, mark, "waiting for SIGTERM to call New", nil, 15*time.Second)
+	w := s.Logs.Wait(t, mark, waiting, nil, 15*time.Second)
 	newPID := w.PID()
 	if newPID <= 1 || newPID == p1 {
 		t.Fatalf("the waiting line names pid %d: %s", newPID, w.Raw)
 	}
-	if w.Str("early_signals") != "true" {
-		t.Errorf("the new process does not catch signals from init: %s", w.Raw)
-	}
-	s.Signal(newPID, syscall.SIGTERM)
-	s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
+	stop(s, mark, newPID)
 	if l := s.Logs.Wait(t, mark, "ready failed", itest.PIDIs(newPID), 10*time.Second); !strings.Contains(l.Str("error"), "stop requested before ready") {
-		t.Errorf("Ready after a stop sent before New: %s, want an error \"stop requested before ready\"", l.Raw)
+		t.Errorf("Ready after a stop: %s, want an error \"stop requested before ready\"", l.Raw)
 	}
 	r := bg.Wait(t, 30*time.Second)
 	if r.Code != 1 || !strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving\n", p1)) {

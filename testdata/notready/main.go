@@ -29,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/handoff-dev/handoff/internal/refapp"
 	"github.com/handoff-dev/handoff/server"
 	"github.com/handoff-dev/handoff/upgrader"
 )
@@ -147,20 +148,7 @@ func mux() http.Handler {
 		fmt.Fprintf(w, "Hello %s!!!", r.PathValue("name"))
 	})
 	m.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
-	m.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
-		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
-		if err != nil || ms < 0 || ms > 60000 {
-			http.Error(w, "ms must be an integer from 0 to 60000", http.StatusBadRequest)
-			return
-		}
-		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			fmt.Fprintf(w, "slept %d ms", ms)
-		case <-r.Context().Done():
-		}
-	})
+	m.HandleFunc("GET /slow", refapp.Slow)
 	pid := strconv.Itoa(os.Getpid())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Handoff-Pid", pid)

@@ -472,7 +472,23 @@ func TestFaultServeStopBeforeReady(t *testing.T) {
 		s.Signal(newPID, syscall.SIGTERM)
 		s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
 		s.Signal(newPID, syscall.SIGUSR1)
-	})
+	}, "stop requested before ready")
+}
+
+// A PID file that cannot be put in place at Ready (here its temporary file,
+// written from New, is gone) fails Ready before the handover: the old
+// generation serves on and the PID file still names it.
+func TestFaultServePIDFileLostBeforeReady(t *testing.T) {
+	faultStopBeforeReady(t, "ready-on-usr1", "waiting for SIGUSR1 to call Ready", func(s *itest.Server, mark, newPID int) {
+		tmp, _ := filepath.Glob(filepath.Join(filepath.Dir(s.PIDFile), "."+filepath.Base(s.PIDFile)+".tmp-"+strconv.Itoa(newPID)+"-*"))
+		if len(tmp) != 1 {
+			t.Fatalf("temporary PID files of pid %d: %v, want one", newPID, tmp)
+		}
+		if err := os.Remove(tmp[0]); err != nil {
+			t.Fatal(err)
+		}
+		s.Signal(newPID, syscall.SIGUSR1)
+	}, "cannot write pid file")
 }
 
 // The same, for a SIGTERM that reaches the new process before it has even
@@ -486,13 +502,13 @@ func TestFaultServeStopBeforeNew(t *testing.T) {
 		}
 		s.Signal(newPID, syscall.SIGTERM)
 		s.Logs.Wait(t, mark, "stop requested", itest.PIDIs(newPID), 10*time.Second)
-	})
+	}, "stop requested before ready")
 }
 
 // faultStopBeforeReady upgrades to testdata/notready in mode, waits for its
-// line waiting, lets stop send the stop, and checks that Ready failed and the
-// old generation serves on.
-func faultStopBeforeReady(t *testing.T, mode, waiting string, stop func(s *itest.Server, mark, newPID int)) {
+// line waiting, lets act break the upgrade, and checks that Ready failed with
+// wantErr and the old generation serves on.
+func faultStopBeforeReady(t *testing.T, mode, waiting string, act func(s *itest.Server, mark, newPID int), wantErr string) {
 	s := itest.StartServer(t, itest.ServerOpts{UpgradeTimeout: "30s", DrainTimeout: "10s"})
 	p1 := s.LivePID()
 	mark := s.Logs.Mark()
@@ -503,9 +519,9 @@ func faultStopBeforeReady(t *testing.T, mode, waiting string, stop func(s *itest
 	if newPID <= 1 || newPID == p1 {
 		t.Fatalf("the waiting line names pid %d: %s", newPID, w.Raw)
 	}
-	stop(s, mark, newPID)
-	if l := s.Logs.Wait(t, mark, "ready failed", itest.PIDIs(newPID), 10*time.Second); !strings.Contains(l.Str("error"), "stop requested before ready") {
-		t.Errorf("Ready after a stop: %s, want an error \"stop requested before ready\"", l.Raw)
+	act(s, mark, newPID)
+	if l := s.Logs.Wait(t, mark, "ready failed", itest.PIDIs(newPID), 10*time.Second); !strings.Contains(l.Str("error"), wantErr) {
+		t.Errorf("Ready: %s, want an error %q", l.Raw, wantErr)
 	}
 	r := bg.Wait(t, 30*time.Second)
 	if r.Code != 1 || !strings.HasSuffix(r.Stderr, fmt.Sprintf("pid %d keeps serving\n", p1)) {

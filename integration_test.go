@@ -56,9 +56,10 @@ func TestUpgradesUnderLoad(t *testing.T) {
 			t.Errorf("upgrade %d: pid %d logs listening on %q, want the same address %q", i, newPID, l.Str("addr"), s.Addr)
 		}
 		s.CheckListener(t, newPID)
-		// Its handlers are in place once it is ready: the next SIGHUP
-		// upgrades, SIGTERM stops (the handlers of a new generation are
-		// set from package init, which a signal.Ignore in main would undo).
+		// It ignores none of them once it is ready (the handlers of a new
+		// generation are set from package init, which a signal.Ignore in
+		// main used to undo, leaving SIGHUP ignored); that it acts on them
+		// the next SIGHUP shows, and the final SIGTERM.
 		for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT} {
 			if !itest.Catches(newPID, sig) {
 				t.Errorf("upgrade %d: pid %d, ready, does not catch %v", i, newPID, sig)

@@ -17,8 +17,9 @@ import (
 	"github.com/handoff-dev/handoff/internal/tail"
 )
 
-// reportTimeout bounds the wait for a ready child's report; it was sent before
-// the child signalled readiness, so it is normally there already.
+// reportTimeout bounds the wait for a ready child's report; the child sends it
+// right after it has signalled readiness (and this process has stopped
+// accepting), so it normally comes within a millisecond.
 const reportTimeout = 2 * time.Second
 
 // attempt runs one upgrade; it is the only caller of tableflip's Upgrade.
@@ -260,7 +261,11 @@ func (u *Upgrader) warmUp() {
 	}
 	if ch, err := u.childChannelLocked(); err == nil {
 		u.passStderrLocked()
-		if u.opts.Handover == nil {
+		// Not once an attempt has started (a SIGHUP queued during the
+		// previous generation's drain starts as it exits): the attempt
+		// queues its hello itself, under u.mu, and priming again would
+		// empty the channel under its new process.
+		if u.opts.Handover == nil && !u.upgrading.Load() {
 			ch.prime(u.generation + 1)
 		}
 	}

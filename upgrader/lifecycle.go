@@ -13,9 +13,10 @@ import (
 	"github.com/handoff-dev/handoff/internal/pidfile"
 )
 
-// Ready says that the application has initialised and can serve. It writes the
-// PID file, tells the previous generation, which then stops accepting and
-// drains, and closes inherited descriptors that nobody claimed.
+// Ready says that the application has initialised and can serve. It puts the
+// PID file in place, tells the previous generation, which then stops accepting
+// and drains, and closes inherited descriptors that nobody claimed; then it
+// reports this generation's PID and version to the previous one.
 func (u *Upgrader) Ready() error {
 	var err error
 	u.readyOnce.Do(func() {
@@ -43,10 +44,6 @@ func (u *Upgrader) Ready() error {
 				pending = pidfile.Prepare(u.opts.PIDFile, os.Getpid())
 			}
 		}
-		if err = pending.Err(); err != nil {
-			pending.Discard()
-			return
-		}
 		if err = restoreStderr(u.tf); err != nil {
 			pending.Discard()
 			return
@@ -64,8 +61,13 @@ func (u *Upgrader) Ready() error {
 			err = fmt.Errorf("stop requested before ready: %w", ErrStopping)
 			return
 		}
+		// The PID file names this generation before it takes over: a PID
+		// file that cannot be put in place fails the upgrade, and the
+		// previous generation serves on.
+		if err = pending.Swap(); err != nil {
+			return
+		}
 		if err = u.tf.Ready(); err != nil {
-			pending.Discard()
 			err = fmt.Errorf("signal ready: %w", err)
 			return
 		}
@@ -73,12 +75,8 @@ func (u *Upgrader) Ready() error {
 		// This generation serves from here: the previous one has stopped
 		// accepting (Options.StopAccepting). What follows is off the
 		// critical path of the upgrade; the previous generation waits for
-		// the report (reportTimeout) before it gives its verdict. A PID
-		// file that cannot be put in place now (Err checked what can be
-		// checked before) is logged: this generation serves all the same.
-		if cerr := pending.Commit(); cerr != nil {
-			u.log.Error("cannot write pid file", "error", cerr)
-		}
+		// the report (reportTimeout) before it gives its verdict.
+		pending.Cleanup()
 		if rerr := u.parent.sendReport(report{PID: os.Getpid(), Version: u.opts.Version, Generation: u.generation,
 			Moves: u.moved != nil}); rerr != nil {
 			u.log.Warn("cannot report to previous generation", "error", rerr)

@@ -28,9 +28,16 @@ func init() {
 
 // EarlySignals reports whether this process, a new generation whose previous
 // one used Options.HandleSignals, has caught SIGHUP, SIGTERM and SIGINT since
-// this package's init, for New to take over. A program that ignores SIGHUP
-// until New, so that a reload sent too early cannot kill it, need not then: a
-// signal.Ignore would lose a SIGHUP sent meanwhile (New catches it again).
+// this package's init, for New to take over. Until New they are held, none
+// ends the process: New acts on them (a SIGTERM then fails Ready, and the
+// previous generation serves on), and a new process that never calls New is
+// killed by its previous generation at the upgrade timeout. A program that
+// ignores SIGHUP until New, so that a reload sent too early cannot kill it,
+// need not then: a signal.Ignore would lose a SIGHUP sent meanwhile (New
+// catches it again). Without Options.HandleSignals, New stops catching them and
+// raises again those it caught, to do what they would have done; a program
+// that set a handler of its own for one of them before New gets that one
+// twice.
 func EarlySignals() bool { return early.c != nil }
 
 // takeEarlySignals returns the notification started at init for New, if

@@ -65,7 +65,8 @@ type Options struct {
 	// ErrParentDraining...), from the owner goroutine: it must not block.
 	OnUpgrade func(Result, error)
 	// StopAccepting, if set, is called once a new generation has said it is
-	// ready, before anything else (Done is closed a moment later): it should
+	// ready, before anything else (Done is closed once its report has come,
+	// normally within a millisecond, 2 s at most): it should
 	// close this generation's listeners, so that the new one takes every
 	// connection from then on, and must not block. server.Server's
 	// StopAccepting does this; the drain starts after Done as before.

@@ -187,7 +187,9 @@ func HasSocketInode(pid int, inode uint64) bool {
 func VmHWM(pid int) (int64, bool) { return statusKiB(pid, "VmHWM:") }
 
 // Catches reports whether pid has a handler for sig (SigCgt in
-// /proc/PID/status), and does not ignore it (SigIgn).
+// /proc/PID/status) and does not ignore it (SigIgn). The Go runtime has a
+// handler for every signal, so for a Go program it tells only that sig is not
+// ignored.
 func Catches(pid int, sig syscall.Signal) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {

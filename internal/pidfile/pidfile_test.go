@@ -74,21 +74,33 @@ func TestPrepareCommitDiscardSweep(t *testing.T) {
 	assert.Equal(t, "4242\n", string(b))
 	asDir := filepath.Join(dir, "dir.pid")
 	require.NoError(t, os.Mkdir(asDir, 0o755))
-	dp := Prepare(asDir, 7)
-	assert.ErrorIs(t, dp.Err(), ErrPIDFile, "Err tells before Commit")
-	assert.ErrorIs(t, dp.Commit(), ErrPIDFile)
+	assert.ErrorIs(t, Prepare(asDir, 7).Commit(), ErrPIDFile)
 	assert.DirExists(t, asDir)
 	left, _ := filepath.Glob(filepath.Join(dir, ".dir.pid.tmp-*"))
 	assert.Empty(t, left, "a failed commit leaves no temporary file")
 
 	missing := filepath.Join(dir, "no", "such", "dir", "app.pid")
-	assert.ErrorIs(t, Prepare(missing, 1).Err(), ErrPIDFile)
 	assert.ErrorIs(t, Prepare(missing, 1).Commit(), ErrPIDFile)
+
+	// Swap puts the file in place and leaves the previous one under the
+	// temporary name until Cleanup; a temporary file removed meanwhile
+	// makes Swap fail and leaves the PID file as it was.
+	sw := Prepare(path, 5)
+	require.NoError(t, sw.Swap())
+	b, _ = os.ReadFile(path)
+	assert.Equal(t, "5\n", string(b))
+	b, _ = os.ReadFile(sw.tmp)
+	assert.Equal(t, "4242\n", string(b), "the previous file, until Cleanup")
+	sw.Cleanup()
+	assert.NoFileExists(t, sw.tmp)
+	gone := Prepare(path, 6)
+	require.NoError(t, os.Remove(gone.tmp))
+	assert.ErrorIs(t, gone.Swap(), ErrPIDFile)
+	b, _ = os.ReadFile(path)
+	assert.Equal(t, "5\n", string(b))
 	var none *Pending
-	assert.NoError(t, none.Err())
-	fine := Prepare(path, 5)
-	assert.NoError(t, fine.Err())
-	fine.Discard()
+	assert.NoError(t, none.Swap())
+	none.Cleanup()
 	Prepare(missing, 1).Discard() // nothing to remove, no panic
 }
 

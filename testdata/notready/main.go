@@ -119,6 +119,7 @@ func run(args []string) int {
 		}
 		if err := upg.Ready(); err != nil {
 			log.Info("ready failed", "error", err.Error())
+			upg.Stop() // as handoff serve does: it drains what it accepted and exits
 		} else {
 			log.Info("ready")
 		}

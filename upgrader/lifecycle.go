@@ -68,6 +68,7 @@ func (u *Upgrader) Ready() error {
 			return
 		}
 		if err = u.tf.Ready(); err != nil {
+			pending.Revert() // the previous generation is gone: the PID file is as it found it
 			err = fmt.Errorf("signal ready: %w", err)
 			return
 		}

@@ -28,8 +28,10 @@ func init() {
 
 // EarlySignals reports whether this process, a new generation whose previous
 // one used Options.HandleSignals, has caught SIGHUP, SIGTERM and SIGINT since
-// this package's init, for New to take over. Until New they are held, none
-// ends the process: New acts on them (a SIGTERM then fails Ready, and the
+// this package's init, for New to take over. From then (a goroutine started by
+// init sets it up, a fraction of a millisecond after exec; a signal sent
+// before still does what it would by default) until New they are held: New
+// acts on them (a SIGTERM then fails Ready, and the
 // previous generation serves on), and a new process that never calls New is
 // killed by its previous generation at the upgrade timeout. A program that
 // ignores SIGHUP until New, so that a reload sent too early cannot kill it,

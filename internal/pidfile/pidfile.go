@@ -38,8 +38,10 @@ func Write(path string, pid int) error {
 // the rename remains on an upgrade's critical path.
 type Pending struct {
 	path, tmp string
+	pid       int
 	err       error
 	swapped   bool // Swap left the previous file under tmp, for Cleanup
+	placed    bool // Swap put the file at path
 }
 
 // tmpPrefix is the start of the name of pid's temporary files for path: the
@@ -50,10 +52,11 @@ func tmpPrefix(path string, pid int) string {
 	return "." + filepath.Base(path) + ".tmp-" + strconv.Itoa(pid) + "-"
 }
 
-// Prepare writes pid to a temporary file beside path; Commit renames it into
-// place and Discard removes it. An error is kept for Commit to return.
+// Prepare writes pid to a temporary file beside path; Commit (or Swap, then
+// Cleanup or Revert) puts it in place, and Discard removes it. An error is kept
+// for Commit and Swap to return.
 func Prepare(path string, pid int) *Pending {
-	p := &Pending{path: path}
+	p := &Pending{path: path, pid: pid}
 	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix(path, pid)+"*")
 	if err != nil {
 		p.err = fmt.Errorf("%w %s: %w", ErrPIDFile, path, err)
@@ -88,10 +91,35 @@ func (p *Pending) Commit() error {
 // name. It is not needed for the new file to be in place: an upgrade does it
 // after the handover.
 func (p *Pending) Cleanup() {
-	if p != nil && p.swapped {
+	if p == nil {
+		return
+	}
+	if p.swapped {
 		os.Remove(p.tmp)
 		p.swapped = false
 	}
+	p.placed = false // for good: Revert does nothing now
+}
+
+// Revert undoes a Swap not yet cleaned up: the previous file is put back (or,
+// when there was none, the file removed), as if Prepare had never been called.
+// A Swap that was cleaned up stays.
+func (p *Pending) Revert() {
+	if p == nil || !p.placed {
+		return
+	}
+	if p.swapped {
+		if unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.path, unix.RENAME_EXCHANGE) == nil {
+			p.swapped = false
+		}
+		os.Remove(p.tmp)
+		p.placed = false
+		return
+	}
+	if pid, err := Read(p.path); err == nil && pid == p.pid {
+		os.Remove(p.path)
+	}
+	p.placed = false
 }
 
 // Swap puts the prepared file in place of path, atomically. A nil Pending
@@ -104,7 +132,7 @@ func (p *Pending) Cleanup() {
 // previous file is then under the temporary name until Cleanup. Where there
 // is no file yet, or the filesystem cannot exchange, it renames.
 func (p *Pending) Swap() error {
-	if p == nil {
+	if p == nil || p.placed {
 		return nil
 	}
 	if p.err != nil {
@@ -114,20 +142,21 @@ func (p *Pending) Swap() error {
 	// make the rename fail, as it always did.
 	if fi, err := os.Lstat(p.path); err == nil && (fi.Mode().IsRegular() || fi.Mode()&fs.ModeSymlink != 0) &&
 		unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.path, unix.RENAME_EXCHANGE) == nil {
-		p.swapped = true
+		p.swapped, p.placed = true, true
 		return nil
 	}
 	if err := os.Rename(p.tmp, p.path); err != nil {
 		os.Remove(p.tmp)
 		return fmt.Errorf("%w %s: %w", ErrPIDFile, p.path, err)
 	}
+	p.placed = true
 	return nil
 }
 
-// Discard removes the prepared file, if Commit has not renamed it. A nil
-// Pending discards nothing.
+// Discard removes the prepared file, unless Commit or Swap has put it in place
+// (then Cleanup or Revert applies). A nil Pending discards nothing.
 func (p *Pending) Discard() {
-	if p != nil && p.err == nil {
+	if p != nil && p.err == nil && !p.placed && !p.swapped {
 		os.Remove(p.tmp)
 	}
 }

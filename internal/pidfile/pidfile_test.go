@@ -101,6 +101,25 @@ func TestPrepareCommitDiscardSweep(t *testing.T) {
 	var none *Pending
 	assert.NoError(t, none.Swap())
 	none.Cleanup()
+	none.Revert()
+
+	// Revert puts the previous file back, and a second Swap does nothing.
+	rv := Prepare(path, 8)
+	require.NoError(t, rv.Swap())
+	require.NoError(t, rv.Swap())
+	b, _ = os.ReadFile(path)
+	assert.Equal(t, "8\n", string(b))
+	rv.Revert()
+	b, _ = os.ReadFile(path)
+	assert.Equal(t, "5\n", string(b), "the previous file is back")
+	assert.NoFileExists(t, rv.tmp)
+	// Where there was no file, Revert removes the one Swap put there.
+	fresh := filepath.Join(dir, "fresh.pid")
+	rf := Prepare(fresh, 9)
+	require.NoError(t, rf.Swap())
+	assert.FileExists(t, fresh)
+	rf.Revert()
+	assert.NoFileExists(t, fresh)
 	Prepare(missing, 1).Discard() // nothing to remove, no panic
 }
 

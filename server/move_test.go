@@ -225,17 +225,7 @@ func TestDrainToFallsBackWhenTheMoveFails(t *testing.T) {
 	a, addr := start(t, whoHandler("old"), time.Hour)
 	_, mover := startMoved(t, "new")
 	mover.fail.Store(true)
-	c := rawDial(t, addr)
-	c.get(t)
-	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	drained := drainToAsync(a, ctx, mover)
-	eventually(t, func() bool { return a.Draining() }, "draining")
-	body, closing := c.get(t)
-	assert.Equal(t, "old", body)
-	assert.True(t, closing, "answered with Connection: close")
-	rep := <-drained
+	rep := requestDuringDrain(t, a, addr, mover)
 	assert.Zero(t, rep.Moved)
 	assert.Equal(t, 1, rep.ClosedAfterResponse)
 }
@@ -392,20 +382,28 @@ func (refusing) Moves() bool { return false }
 
 // A Mover that moves nothing (Moves false) is never asked to move; answers
 // close their connections from the start of the drain.
-func TestDrainToWithAMoverThatMovesNothing(t *testing.T) {
-	a, addr := start(t, whoHandler("old"), time.Hour)
-	_, pm := startMoved(t, "new")
+// requestDuringDrain opens one connection to a (whose handler answers "old"),
+// uses it, drains a with m once it is idle, and sends a request on it during
+// the drain: a answers it, with Connection: close. It returns the drain's report.
+func requestDuringDrain(t *testing.T, a *Server, addr string, m Mover) Report {
+	t.Helper()
 	c := rawDial(t, addr)
 	c.get(t)
 	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	drained := drainToAsync(a, ctx, refusing{pm})
+	drained := drainToAsync(a, ctx, m)
 	eventually(t, func() bool { return a.Draining() }, "draining")
 	body, closing := c.get(t)
 	assert.Equal(t, "old", body)
 	assert.True(t, closing, "answered with Connection: close")
-	rep := <-drained
+	return waitReport(t, drained)
+}
+
+func TestDrainToWithAMoverThatMovesNothing(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	_, pm := startMoved(t, "new")
+	rep := requestDuringDrain(t, a, addr, refusing{pm})
 	assert.Zero(t, rep.Moved)
 	assert.Zero(t, pm.attempts.Load(), "moves asked of it")
 	assert.Equal(t, 1, rep.ClosedAfterResponse)

@@ -106,6 +106,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		InFlight:       srv.InFlight,
 		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
+		MoveGCPercent:  400,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")

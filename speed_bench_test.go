@@ -1241,13 +1241,16 @@ func spMedMin(xs []float64) string {
 
 // BenchmarkUpgradeTenThousandConns: 10,000 idle keep-alive connections to
 // handoff serve (each sent one request first) and a load of 1000 req/s of
-// fast requests; one upgrade. It reports the failed requests, the p99 of the
-// fast requests in the second after the SIGHUP against the two seconds
-// before, the old process's CPU time from the SIGHUP and during its drain,
-// the connections moved and how long the drain took, and the peak RSS of
-// both generations; then it sends one request on every idle connection.
+// fast requests; five upgrades in a row, each moving the 10,000 connections
+// on. For each it reports the p99 of the fast requests in the second after
+// the SIGHUP against the two seconds before, the old process's CPU time from
+// the SIGHUP to its exit, the connections moved and how long the drain took,
+// and the peak RSS of both generations; then the p99s over all five, the
+// failed requests, and one request on every idle connection, which the last
+// generation must answer.
 func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	const conns, rate = 10_000, 1000
+	const upgrades, steady = 5, 5 // steady: seconds of steady state before each upgrade
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		b.Fatal(err)
@@ -1301,42 +1304,87 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	opened := time.Since(openStart)
 
 	load := itest.StartLoad(b, s.Addr, rate, "--conns", "16", "--new-conn-fraction", "0.3", "--samples")
-	cpu := spSampleCPU(b, p1)
-	time.Sleep(3 * time.Second) // steady state
+	cpus := map[int]*spCPU{p1: spSampleCPU(b, p1)}
 	b.ResetTimer()
 
-	mark := s.Logs.Mark()
-	stop := make(chan struct{})
-	pollC := make(chan spPollResult, 1)
-	go func() { pollC <- spPollNew(s.Addr, p1, stop) }()
-	cpuBefore := spCPUns(p1)
-	hup := time.Now().UnixNano()
-	s.Signal(p1, syscall.SIGHUP)
-	var poll spPollResult
-	select {
-	case poll = <-pollC:
-	case <-time.After(30 * time.Second):
-		close(stop)
-		b.Fatalf("no answer from a new PID 30s after SIGHUP")
+	// upgrades upgrades, each once the previous one's connections have all
+	// moved and after steady seconds of steady state (the first two of them
+	// still feel the previous generation's exit). The fast requests' p99 of
+	// one second is the 10th slowest of 1000 and moves by ±50% from one quiet
+	// second to the next (the "null" ratio below: the last second before a
+	// SIGHUP against the two before it), so the figure that counts is the
+	// p99 over all the seconds after an upgrade against all the two-second
+	// windows before one.
+	type upgrade struct {
+		old, new         int
+		hup, answer      int64 // unix ns
+		drainingAt, gone int64
+		oldCPU           time.Duration // from the SIGHUP to its exit
+		drained          itest.Line
+		received         itest.Line
+		fds              *spFDs
 	}
-	p2 := poll.pid
-	rss.add(p2)
-	fds := spSampleFDs(b, p2)
-	s.WaitGone(p1, 60*time.Second)
-	gone := time.Now().UnixNano()
-	// The moved descriptors may still be in flight (queued on the moves
-	// channel) when the old generation exits: the new one logs their count
-	// once it has read them all.
-	received := s.Logs.Wait(b, mark, "connections moved from the previous generation", itest.PIDIs(p2), 30*time.Second)
-	cpuNew := spCPUns(p2) // all of the new generation's CPU so far: its start and the moved connections
-	fds.stop()
-	// At least a second of load after the SIGHUP, and some after the old one's exit.
-	time.Sleep(max(time.Duration(hup+int64(1500*time.Millisecond)-time.Now().UnixNano()), 500*time.Millisecond))
+	ups := make([]upgrade, 0, upgrades)
+	live := p1
+	for range upgrades {
+		time.Sleep(steady * time.Second) // steady state: the before window and the null one
+		mark := s.Logs.Mark()
+		stop := make(chan struct{})
+		pollC := make(chan spPollResult, 1)
+		go func() { pollC <- spPollNew(s.Addr, live, stop) }()
+		u := upgrade{old: live}
+		cpuBefore := spCPUns(live)
+		u.hup = time.Now().UnixNano()
+		s.Signal(live, syscall.SIGHUP)
+		var poll spPollResult
+		select {
+		case poll = <-pollC:
+		case <-time.After(30 * time.Second):
+			close(stop)
+			b.Fatalf("no answer from a new PID 30s after SIGHUP")
+		}
+		u.new, u.answer = poll.pid, poll.at
+		rss.add(u.new)
+		cpus[u.new] = spSampleCPU(b, u.new)
+		// Listing /proc/PID/fd costs about 1 ms per 1000 descriptors: the
+		// samples start after the second whose latency is measured.
+		u.fds = spSampleFDs(b, u.new, u.hup+int64(time.Second))
+		s.WaitGone(u.old, 60*time.Second)
+		u.gone = time.Now().UnixNano()
+		if at := ev.first(spExit, u.old, u.hup); at != 0 {
+			u.gone = at
+		}
+		// The moved descriptors may still be in flight (queued on the moves
+		// channel) when the old generation exits: the new one logs their count
+		// once it has read them all.
+		u.received = s.Logs.Wait(b, mark, "connections moved from the previous generation", itest.PIDIs(u.new), 30*time.Second)
+		u.fds.stop()
+		var ok bool
+		if u.drained, _, ok = s.Logs.First(mark, "drained", itest.PIDIs(u.old)); !ok {
+			b.Fatalf("the old generation %d logged no drained line", u.old)
+		}
+		dr, _, _ := s.Logs.First(mark, "draining", itest.PIDIs(u.old))
+		u.drainingAt = spLogTime(dr)
+		if u.old == p1 {
+			// The first generation is our child: its rusage is exact.
+			<-s.Proc.Exited()
+			if ru, ok := s.Proc.Cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+				u.oldCPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano() - cpuBefore)
+			}
+		} else {
+			u.oldCPU = time.Duration(cpus[u.old].max() - cpuBefore) // sampled every 5 ms until it exited
+		}
+		ups = append(ups, u)
+		live = u.new
+	}
+	time.Sleep(time.Second) // the second after the last upgrade, whole
 	b.StopTimer()
 	res, _ := load.Stop()
-	cpu.stop()
+	for _, c := range cpus {
+		c.stop()
+	}
 
-	// One request on every idle connection: the new generation answers the moved ones.
+	// One request on every idle connection: the last generation answers them all.
 	var byNew, byOther, failed int
 	var firstFail error
 	var mu sync.Mutex
@@ -1354,7 +1402,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 				if firstFail == nil {
 					firstFail = err
 				}
-			case pid == p2:
+			case pid == live:
 				byNew++
 			default:
 				byOther++
@@ -1364,114 +1412,62 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	wg.Wait()
 	asked := time.Since(askStart)
 	rss.stop()
-
-	// The old generation is our child: its rusage is exact.
-	<-s.Proc.Exited()
-	var userSys time.Duration
-	var maxrss int64
-	if ru, ok := s.Proc.Cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-		userSys = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-		maxrss = ru.Maxrss
-	}
-	d, _, ok := s.Logs.First(mark, "drained", itest.PIDIs(p1))
-	if !ok {
-		b.Fatalf("the old generation %d logged no drained line", p1)
-	}
-	dr, _, _ := s.Logs.First(mark, "draining", itest.PIDIs(p1))
-	moved, _ := d.Num("moved")
-	dur, _ := d.Num("duration")
-	cut, _ := d.Num("cut")
-	closedIdle, _ := d.Num("closed_idle")
-	drainingAt := spLogTime(dr)
-	cpuAtDrain := cpu.at(drainingAt)
-	exitAt := ev.first(spExit, p1, hup)
-	if exitAt == 0 {
-		exitAt = gone
-	}
-
-	// Latency of the fast requests: the 2 s before the SIGHUP, the second after.
-	var before, after, afterOld, afterNew []float64
-	var afterSmp []loadgen.Sample
-	slowFrom, slowTo, slowN := int64(-1), int64(-1), 0 // sent in the second after, above 50 ms
-	for _, smp := range res.Samples {
-		if !smp.OK {
-			continue
-		}
-		ms := float64(smp.LatencyUS) / 1000
-		switch {
-		case smp.Start >= hup-int64(2*time.Second) && smp.Start < hup:
-			before = append(before, ms)
-		case smp.Start >= hup && smp.Start < hup+int64(time.Second):
-			after = append(after, ms)
-			afterSmp = append(afterSmp, smp)
-			if smp.PID == p1 {
-				afterOld = append(afterOld, ms)
-			} else {
-				afterNew = append(afterNew, ms)
-			}
-			if ms > 50 {
-				slowN++
-				if slowFrom < 0 {
-					slowFrom = smp.Start - hup
-				}
-				slowTo = smp.Start - hup
-			}
-		}
-	}
-	p99b, p99a := percentile(before, 99), percentile(after, 99)
-	ratio := 0.0
-	if p99b > 0 {
-		ratio = p99a / p99b
-	}
 	peaks := rss.peaks()
-	b.ReportMetric(float64(res.Failed), "failed")
-	b.ReportMetric(p99b, "p99-before-ms")
-	b.ReportMetric(p99a, "p99-after-ms")
-	b.ReportMetric(ratio, "p99-ratio")
-	b.ReportMetric(float64(moved), "moved")
-	b.ReportMetric(float64(dur)/1e6, "drain-ms")
-	b.ReportMetric(float64(spLogTime(received)-drainingAt)/1e6, "move-ms")
-	b.ReportMetric(float64(userSys-time.Duration(cpuBefore))/1e6, "old-cpu-from-hup-ms")
-	b.ReportMetric(float64(poll.at-hup)/1e6, "handoff-ms")
-	b.ReportMetric(float64(peaks[p1])/1024, "rss-old-MiB")
-	b.ReportMetric(float64(peaks[p2])/1024, "rss-new-MiB")
 
+	// Latency of the fast requests, in ms, sent in [from, to).
+	window := func(from, to int64) (ms []float64, smps []loadgen.Sample) {
+		for _, smp := range res.Samples {
+			if smp.OK && smp.Start >= from && smp.Start < to {
+				ms = append(ms, float64(smp.LatencyUS)/1000)
+				smps = append(smps, smp)
+			}
+		}
+		return ms, smps
+	}
+	sec := int64(time.Second)
+	var allBefore, allAfter, ratios, nulls, drainCPU []float64
 	var t strings.Builder
 	fmt.Fprintf(&t, "%d idle keep-alive connections opened in %v; load %d req/s (30%% on new connections): %d requests, %d failed %v\n",
 		conns, opened.Round(time.Millisecond), rate, res.Requests, res.Failed, res.Failures)
-	fmt.Fprintf(&t, "fast requests p99: %.2f ms in the 2 s before the SIGHUP (%d), %.2f ms in the second after (%d): ratio %.2f; max after %.2f ms\n",
-		p99b, len(before), p99a, len(after), ratio, maxOf(after))
-	fmt.Fprintf(&t, "  in the second after: answered by the old pid %d p99 %.2f, by the new %d p99 %.2f; %d above 50 ms, sent %.0f..%.0f ms after the SIGHUP\n",
-		len(afterOld), percentile(afterOld, 99), len(afterNew), percentile(afterNew, 99), slowN, float64(slowFrom)/1e6, float64(slowTo)/1e6)
-	// Where the slowest of the second after were: when they were sent, and who answered.
-	slices.SortFunc(afterSmp, func(a, b loadgen.Sample) int { return cmp.Compare(b.LatencyUS, a.LatencyUS) })
-	var slow []string
-	for _, smp := range afterSmp[:min(12, len(afterSmp))] {
-		who := "new"
-		if smp.PID == p1 {
-			who = "old"
+	for i, u := range ups {
+		before, _ := window(u.hup-2*sec, u.hup)
+		after, afterSmp := window(u.hup, u.hup+sec)
+		// The null ratio: the last quiet second against the two before it.
+		nullAfter, _ := window(u.hup-sec, u.hup)
+		nullBefore, _ := window(u.hup-3*sec, u.hup-sec)
+		p99b, p99a := percentile(before, 99), percentile(after, 99)
+		ratio, null := p99a/p99b, percentile(nullAfter, 99)/percentile(nullBefore, 99)
+		allBefore, allAfter = append(allBefore, before...), append(allAfter, after...)
+		ratios, nulls = append(ratios, ratio), append(nulls, null)
+		drainCPU = append(drainCPU, float64(u.oldCPU)/1e6)
+		moved, _ := u.drained.Num("moved")
+		dur, _ := u.drained.Num("duration")
+		cut, _ := u.drained.Num("cut")
+		closedIdle, _ := u.drained.Num("closed_idle")
+		recvCount, _ := u.received.Num("count")
+		fmt.Fprintf(&t, "upgrade %d: %d -> %d; fast requests p99 %.2f ms in the 2 s before the SIGHUP (%d), %.2f ms in the second after (%d): ratio %.2f (null ratio of the quiet second before: %.2f); max after %.2f ms\n",
+			i+1, u.old, u.new, p99b, len(before), p99a, len(after), ratio, null, maxOf(after))
+		slices.SortFunc(afterSmp, func(a, b loadgen.Sample) int { return cmp.Compare(b.LatencyUS, a.LatencyUS) })
+		var slow []string
+		for _, smp := range afterSmp[:min(8, len(afterSmp))] {
+			who := "new"
+			if smp.PID == u.old {
+				who = "old"
+			}
+			slow = append(slow, fmt.Sprintf("%.2f ms at +%.1f ms by %s", float64(smp.LatencyUS)/1000, float64(smp.Start-u.hup)/1e6, who))
 		}
-		slow = append(slow, fmt.Sprintf("%.2f ms at +%.1f ms by %s", float64(smp.LatencyUS)/1000, float64(smp.Start-hup)/1e6, who))
+		fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
+		fmt.Fprintf(&t, "  SIGHUP -> first answer from the new pid %.2f ms; -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
+			float64(u.answer-u.hup)/1e6, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
+		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exit %.1f ms; %s\n",
+			float64(dur)/1e6, moved, closedIdle, cut, float64(u.oldCPU)/1e6, u.fds.summary(u.drainingAt, int(moved)))
+		fmt.Fprintf(&t, "  new generation: %d connections received %.1f ms after the old one's \"draining\"; peak RSS old %.1f MiB, new %.1f MiB\n",
+			recvCount, float64(spLogTime(u.received)-u.drainingAt)/1e6, float64(peaks[u.old])/1024, float64(peaks[u.new])/1024)
 	}
-	fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
-	fmt.Fprintf(&t, "SIGHUP -> first answer from new pid %d: %.2f ms (poller, %d polls); -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
-		p2, float64(poll.at-hup)/1e6, poll.polls, float64(drainingAt-hup)/1e6, float64(spLogTime(d)-hup)/1e6, float64(exitAt-hup)/1e6)
-	var newStages []string
-	for _, msg := range []string{"started by previous generation", "listening", "ready"} {
-		if l, _, ok := s.Logs.First(mark, msg, itest.PIDIs(p2)); ok {
-			newStages = append(newStages, fmt.Sprintf("%q %.2f", msg, float64(spLogTime(l)-hup)/1e6))
-		}
-	}
-	fmt.Fprintf(&t, "  new generation, ms after the SIGHUP: %s\n", strings.Join(newStages, ", "))
-	fmt.Fprintf(&t, "old generation's drain: %.1f ms (drained line), moved %d, closed idle %d, cut %d; %s\n",
-		float64(dur)/1e6, moved, closedIdle, cut, fds.summary(drainingAt, int(moved)))
-	recvCount, _ := received.Num("count")
-	fmt.Fprintf(&t, "new generation: \"connections moved from the previous generation\" count=%d %.1f ms after the old one's \"draining\"; its CPU then %.1f ms (its start and the connections it took)\n",
-		recvCount, float64(spLogTime(received)-drainingAt)/1e6, float64(cpuNew)/1e6)
-	fmt.Fprintf(&t, "old generation's CPU (utime+stime, rusage): %.1f ms in its life, %.1f ms from the SIGHUP to its exit, of which %s during the drain (per-thread schedstat at \"draining\")\n",
-		float64(userSys)/1e6, float64(userSys-time.Duration(cpuBefore))/1e6, spMsOr(userSys, cpuAtDrain))
-	fmt.Fprintf(&t, "peak RSS: old %.1f MiB (rusage maxrss %.1f), new %.1f MiB\n", float64(peaks[p1])/1024, float64(maxrss)/1024, float64(peaks[p2])/1024)
-	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the new generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
+	p99b, p99a := percentile(allBefore, 99), percentile(allAfter, 99)
+	fmt.Fprintf(&t, "all %d upgrades: fast requests p99 %.2f ms in the seconds before (%d), %.2f ms in the seconds after (%d): ratio %.2f; per upgrade: median %.2f, %s; null ratios: median %.2f, %s\n",
+		len(ups), p99b, len(allBefore), p99a, len(allAfter), p99a/p99b, percentile(ratios, 50), spList(ratios), percentile(nulls, 50), spList(nulls))
+	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the last generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
 	if firstFail != nil {
 		fmt.Fprintf(&t, " (first: %v)", firstFail)
 	}
@@ -1479,13 +1475,30 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	if res.Failed > 0 {
 		b.Logf("first failures:\n%s", strings.Join(res.Errors, "\n"))
 	}
+
+	var rssOld, rssNew []float64
+	for _, u := range ups {
+		rssOld, rssNew = append(rssOld, float64(peaks[u.old])/1024), append(rssNew, float64(peaks[u.new])/1024)
+	}
+	b.ReportMetric(float64(res.Failed), "failed")
+	b.ReportMetric(float64(failed), "failed-after")
+	b.ReportMetric(p99b, "p99-before-ms")
+	b.ReportMetric(p99a, "p99-after-ms")
+	b.ReportMetric(p99a/p99b, "p99-ratio")
+	b.ReportMetric(percentile(ratios, 50), "p99-ratio-median")
+	b.ReportMetric(percentile(nulls, 50), "null-ratio-median")
+	b.ReportMetric(percentile(drainCPU, 50), "old-cpu-from-hup-ms")
+	b.ReportMetric(slices.Max(rssOld), "rss-old-MiB")
+	b.ReportMetric(slices.Max(rssNew), "rss-new-MiB")
 }
 
-func spMsOr(total time.Duration, atDrain int64) string {
-	if atDrain <= 0 {
-		return "-"
+// spList prints xs with two decimals.
+func spList(xs []float64) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = fmt.Sprintf("%.2f", x)
 	}
-	return fmt.Sprintf("%.1f ms", float64(int64(total)-atDrain)/1e6)
+	return strings.Join(s, " ")
 }
 
 // spConn is a keep-alive connection that sends requests by hand: no retries.
@@ -1521,22 +1534,29 @@ func (k *spConn) get() (pid int, closing bool, err error) {
 	return pid, resp.Close, nil
 }
 
-// spFDs samples how many descriptors a process holds, every 10 ms.
+// spFDs samples how many descriptors a process holds, every 100 ms from
+// the time from (unix ns), after a first count at once.
 type spFDs struct {
 	mu      sync.Mutex
 	samples [][2]int64 // unix ns, descriptors
 	stop    func()
 }
 
-func spSampleFDs(tb testing.TB, pid int) *spFDs {
+func spSampleFDs(tb testing.TB, pid int, from int64) *spFDs {
 	f := &spFDs{}
-	f.stop = itest.Every(tb, 10*time.Millisecond, func() {
+	sample := func() {
 		if d, err := os.Open(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
 			names, _ := d.Readdirnames(-1)
 			d.Close()
 			f.mu.Lock()
 			f.samples = append(f.samples, [2]int64{time.Now().UnixNano(), int64(len(names))})
 			f.mu.Unlock()
+		}
+	}
+	sample()
+	f.stop = itest.Every(tb, 100*time.Millisecond, func() {
+		if time.Now().UnixNano() >= from {
+			sample()
 		}
 	})
 	return f
@@ -1568,7 +1588,7 @@ func (f *spFDs) summary(from int64, moved int) string {
 		}
 		return fmt.Sprintf("%.0f ms", float64(t-from)/1e6)
 	}
-	return fmt.Sprintf("the new generation's descriptors (sampled every 10 ms from its first answer, when it held %d): +half of the moved at %s after \"draining\", +99%% at %s, peak %d",
+	return fmt.Sprintf("the new generation's descriptors (%d at its first answer, then sampled every 100 ms after the measured second): +half of the moved at %s after \"draining\", +99%% at %s, peak %d",
 		base, ms(half), ms(all), peak)
 }
 
@@ -1611,6 +1631,19 @@ func spSampleCPU(tb testing.TB, pid int) *spCPU {
 		}
 	})
 	return c
+}
+
+// max returns the largest sample (0: none): the process's CPU time when it
+// exited, within 5 ms (the threads of an exiting process leave the sum as
+// they end).
+func (c *spCPU) max() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var m int64
+	for _, s := range c.samples {
+		m = max(m, s[1])
+	}
+	return m
 }
 
 // at returns the last sample taken at or before t (0: none).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/cloudflare/tableflip"
@@ -104,6 +105,7 @@ func (u *Upgrader) claimMoves() (*moved.Listener, error) {
 // generation closes its end (it exits) or ln is closed.
 func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 	defer c.Close()
+	defer raiseGCPercent(u.opts.MoveGCPercent)()
 	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(maxMoveBatch*4))
 	total := 0
@@ -139,6 +141,20 @@ func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 			}
 		}
 	}
+}
+
+// raiseGCPercent sets the collector's percent to p if that raises it, and
+// returns what puts it back (Options.MoveGCPercent).
+func raiseGCPercent(p int) (restore func()) {
+	if p <= 0 {
+		return func() {}
+	}
+	prev := debug.SetGCPercent(p)
+	if prev < 0 || prev >= p { // off, or already higher: not ours to lower
+		debug.SetGCPercent(prev)
+		return func() {}
+	}
+	return func() { debug.SetGCPercent(prev) }
 }
 
 // Moved returns the listener on which this generation receives the idle

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/cloudflare/tableflip"
@@ -32,9 +33,14 @@ const maxMoveBatch = 250
 const moveTimeout = 2 * time.Second
 
 // movesOut is a generation's end of the pair, made at its first upgrade.
-type movesOut struct{ conn *net.UnixConn }
+type movesOut struct {
+	conn      *net.UnixConn
+	gcPercent int       // Options.MoveGCPercent
+	raise     sync.Once // at the first Move: this generation drains
+	restore   func()
+}
 
-func newMovesOut(tf *tableflip.Upgrader) (*movesOut, error) {
+func newMovesOut(tf *tableflip.Upgrader, gcPercent int) (*movesOut, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("create moves channel: %w", err)
@@ -50,14 +56,17 @@ func newMovesOut(tf *tableflip.Upgrader) (*movesOut, error) {
 		mine.Close()
 		return nil, fmt.Errorf("pass moves channel: %w", err)
 	}
-	return &movesOut{conn: mine}, nil
+	return &movesOut{conn: mine, gcPercent: gcPercent}, nil
 }
 
-// Move sends fds, at most maxMoveBatch, in one message.
+// Move sends fds, at most maxMoveBatch, in one message. The first one raises
+// the collector's percent (Options.MoveGCPercent): what the moved connections
+// leave behind is garbage of a process that exits at the end of its drain.
 func (m *movesOut) Move(fds []int) error {
 	if len(fds) > maxMoveBatch {
 		return fmt.Errorf("move: %d descriptors in one batch (at most %d)", len(fds), maxMoveBatch)
 	}
+	m.raise.Do(func() { m.restore = raiseGCPercent(m.gcPercent) })
 	m.conn.SetWriteDeadline(time.Now().Add(moveTimeout))
 	_, _, err := m.conn.WriteMsgUnix([]byte{byte(len(fds))}, unix.UnixRights(fds...), nil)
 	if err != nil {
@@ -69,6 +78,10 @@ func (m *movesOut) Move(fds []int) error {
 func (m *movesOut) Close() {
 	if m != nil {
 		m.conn.Close()
+		m.raise.Do(func() {}) // after a Move's raise, or none from now on
+		if m.restore != nil {
+			m.restore()
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package upgrader
 import (
 	"log/slog"
 	"net"
+	"os"
 	"runtime/debug"
 	"testing"
 	"time"
@@ -87,4 +88,25 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 		t.Fatal("receiveMoves did not return when the channel closed")
 	}
 	assert.Equal(t, 100, gcPercent(), "once the moves ended")
+}
+
+// TestMovesOutRaisesGCPercentFromTheFirstMove: a draining generation raises
+// the percent at its first move, and Close puts it back.
+func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(fds[1])
+	c, err := fileUnixConn(fds[0], "test-moves-parent")
+	require.NoError(t, err)
+	m := &movesOut{conn: c, gcPercent: 400}
+	assert.Equal(t, 100, gcPercent(), "before any move")
+	r, w, err := os.Pipe() // any descriptor moves
+	require.NoError(t, err)
+	defer r.Close()
+	defer w.Close()
+	require.NoError(t, m.Move([]int{int(r.Fd())}))
+	assert.Equal(t, 400, gcPercent(), "from the first move")
+	m.Close()
+	assert.Equal(t, 100, gcPercent(), "after Close")
 }

@@ -86,18 +86,21 @@ type Options struct {
 	// New acts on those that came before it.
 	HandleSignals bool
 	// MoveGCPercent, if above the garbage collector's percent (GOGC), raises
-	// it to that (runtime/debug.SetGCPercent) while the previous generation's
-	// idle connections move in (see Moved), and puts it back once they all
-	// have. Zero leaves the collector alone, as does GOGC=off.
+	// it to that (runtime/debug.SetGCPercent) while idle connections move:
+	// in a new generation while its previous generation's connections move in
+	// (see Moved), put back once they all have; in a draining generation from
+	// its first move out (see Mover) to Close. Zero leaves the collector
+	// alone, as does GOGC=off.
 	//
 	// A moved connection's memory (net/http's buffers, its goroutine) stays
-	// live as long as it does: as thousands arrive, the heap doubles again and
-	// again, and each doubling starts a collection that finds little garbage
-	// but whose pauses and mark work delay requests (their p99 on a loaded
-	// machine). 400 runs about two collections where 100 runs five, for a
-	// heap that ends within a few MiB of the same size. A program that sets
-	// the percent itself meanwhile has it put back to what it was when the
-	// moves began.
+	// live in the new generation as long as the connection: as thousands
+	// arrive, the heap doubles again and again, and each doubling starts a
+	// collection that finds little garbage but whose pauses and mark work
+	// delay requests (their p99, on a loaded machine). In the old generation
+	// what they leave is garbage of a process about to exit. 400 runs about
+	// two collections where 100 runs five, for a heap that ends within a few
+	// MiB of the same size. A program that sets the percent itself meanwhile
+	// has it put back to what it was when the moves began.
 	MoveGCPercent int
 }
 

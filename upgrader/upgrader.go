@@ -96,10 +96,12 @@ type Options struct {
 	// live in the new generation as long as the connection: as thousands
 	// arrive, the heap doubles again and again, and each doubling starts a
 	// collection that finds little garbage but whose pauses and mark work
-	// delay requests (their p99, on a loaded machine). In the old generation
-	// what they leave is garbage of a process about to exit. 400 runs about
-	// two collections where 100 runs five, for a heap that ends within a few
-	// MiB of the same size. A program that sets the percent itself meanwhile
+	// delay requests (their p99, on a loaded machine): with 100, a generation
+	// taking 1000 connections a second collected at 0.24, 0.46, 0.89 and 1.7 s.
+	// Its heap is mostly live, so a higher percent costs little memory (handoff
+	// serve's peak RSS with 10,000 moved connections: 231-234 MiB at 400,
+	// 237-245 at 100). In the old generation what they leave is garbage of a
+	// process about to exit. A program that sets the percent itself meanwhile
 	// has it put back to what it was when the moves began.
 	MoveGCPercent int
 }

@@ -38,6 +38,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	tlsKey := fs.String("tls-key", "", "the key of --tls-cert (PEM)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
 	moveRate := fs.Int("move-rate", server.DefaultMoveRate, "idle keep-alive connections moved to the new generation per second at a handoff (0: all at once)")
+	moveGC := fs.Int("move-gc-percent", defaultMoveGC(), "garbage collector percent while idle connections move, in both generations, if above GOGC (0: leave the collector alone; the default is 0 when GOGC is set)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -49,6 +50,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	if *moveRate < 0 {
 		return fail(stderr, exitUsage, "handoff serve: --move-rate must be 0 (all at once) or positive")
+	}
+	if *moveGC < 0 {
+		return fail(stderr, exitUsage, "handoff serve: --move-gc-percent must be 0 (leave the collector alone) or positive")
 	}
 	base, err := newLogger(*logFormat, stderr)
 	if err != nil {
@@ -106,7 +110,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		InFlight:       srv.InFlight,
 		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
-		MoveGCPercent:  400,
+		MoveGCPercent:  *moveGC,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")
@@ -247,4 +251,13 @@ func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, prefix+"ok (version %s)\n", version)
 	return exitOK
+}
+
+// defaultMoveGC is --move-gc-percent's default: 400, or 0 when the operator
+// set GOGC (for memory, say), which then holds during moves too.
+func defaultMoveGC() int {
+	if os.Getenv("GOGC") != "" {
+		return 0
+	}
+	return 400
 }

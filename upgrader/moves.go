@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"time"
 
@@ -115,10 +116,17 @@ func (u *Upgrader) claimMoves() (*moved.Listener, error) {
 }
 
 // receiveMoves hands every descriptor that arrives to ln, until the previous
-// generation closes its end (it exits) or ln is closed.
+// generation closes its end (it exits) or ln is closed. From the first
+// descriptor to the previous generation's drain report or exit, the
+// collector runs at Options.MoveGCPercent.
 func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 	defer c.Close()
-	defer raiseGCPercent(u.opts.MoveGCPercent)()
+	var restore func() // set at the first descriptor
+	defer func() {
+		if restore != nil {
+			restore()
+		}
+	}()
 	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(maxMoveBatch*4))
 	total := 0
@@ -133,10 +141,18 @@ func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 			return
 		}
 		if oobn == 0 {
-			if r, ok := parseDrain(buf[:n]); ok && u.opts.OnPreviousDrained != nil {
+			r, ok := parseDrain(buf[:n])
+			if ok && restore != nil {
+				restore() // the drain is over: nothing moves any more
+				restore = func() {}
+			}
+			if ok && u.opts.OnPreviousDrained != nil {
 				u.opts.OnPreviousDrained(r)
 			}
 			continue
+		}
+		if restore == nil {
+			restore = raiseGCPercent(u.opts.MoveGCPercent)
 		}
 		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 		if err != nil {
@@ -157,17 +173,29 @@ func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 }
 
 // raiseGCPercent sets the collector's percent to p if that raises it, and
-// returns what puts it back (Options.MoveGCPercent).
+// returns what puts it back (Options.MoveGCPercent). It reads the percent
+// first, so that a collector that is off, or at a higher percent, is not
+// touched even for a moment.
 func raiseGCPercent(p int) (restore func()) {
 	if p <= 0 {
 		return func() {}
 	}
-	prev := debug.SetGCPercent(p)
-	if prev < 0 || prev >= p { // off, or already higher: not ours to lower
-		debug.SetGCPercent(prev)
+	if cur, ok := currentGCPercent(); !ok || cur < 0 || cur >= p {
 		return func() {}
 	}
+	prev := debug.SetGCPercent(p)
 	return func() { debug.SetGCPercent(prev) }
+}
+
+// currentGCPercent reads the collector's percent without setting it: -1 when
+// the collector is off.
+func currentGCPercent() (int, bool) {
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 {
+		return 0, false
+	}
+	return int(int64(s[0].Value.Uint64())), true // off reads as 2^64-1
 }
 
 // Moved returns the listener on which this generation receives the idle

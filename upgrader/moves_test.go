@@ -55,39 +55,62 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 	require.NoError(t, err)
 	mine, err := fileUnixConn(fds[1], "test-moves-child")
 	require.NoError(t, err)
-	u := &Upgrader{opts: Options{MoveGCPercent: 400}, log: slog.New(slog.DiscardHandler)}
+	reported := make(chan DrainReport, 1)
+	u := &Upgrader{opts: Options{MoveGCPercent: 400, OnPreviousDrained: func(r DrainReport) { reported <- r }},
+		log: slog.New(slog.DiscardHandler)}
 	ln := moved.New(&net.UnixAddr{Name: "test", Net: "unix"})
 	defer ln.Close()
 	done := make(chan struct{})
 	go func() { defer close(done); u.receiveMoves(mine, ln) }()
 
-	// One connection moves: once it is accepted, receiveMoves is running.
-	tl, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer tl.Close()
-	client, err := net.Dial("tcp", tl.Addr().String())
-	require.NoError(t, err)
-	defer client.Close()
-	sc, err := tl.Accept()
-	require.NoError(t, err)
-	f, err := sc.(*net.TCPConn).File()
-	require.NoError(t, err)
-	sc.Close()
-	mv := &movesOut{conn: theirs}
-	require.NoError(t, mv.Move([]int{int(f.Fd())}))
-	f.Close()
-	got, err := ln.Accept()
-	require.NoError(t, err)
-	got.Close()
+	assert.Equal(t, 100, gcPercent(), "before any connection moved")
+	moveOne(t, &movesOut{conn: theirs}, ln)
 	assert.Equal(t, 400, gcPercent(), "while connections move in")
 
-	mv.Close() // the previous generation exits
+	// The drain report: the moves are over, before the previous generation exits.
+	_, err = theirs.Write(append([]byte{drainPrefix}, `{"moved":1}`...))
+	require.NoError(t, err)
+	select {
+	case r := <-reported:
+		assert.Equal(t, 1, r.Moved)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the drain report did not arrive")
+	}
+	assert.Equal(t, 100, gcPercent(), "once the previous generation reported its drain")
+
+	theirs.Close() // the previous generation exits
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("receiveMoves did not return when the channel closed")
 	}
-	assert.Equal(t, 100, gcPercent(), "once the moves ended")
+	assert.Equal(t, 100, gcPercent(), "after its exit")
+}
+
+// TestReceiveMovesRestoresAtExitWithoutAReport: a previous generation killed
+// with -9 sends no report; its end closes, and the percent goes back.
+func TestReceiveMovesRestoresAtExitWithoutAReport(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	theirs, err := fileUnixConn(fds[0], "test-moves-parent")
+	require.NoError(t, err)
+	mine, err := fileUnixConn(fds[1], "test-moves-child")
+	require.NoError(t, err)
+	u := &Upgrader{opts: Options{MoveGCPercent: 400}, log: slog.New(slog.DiscardHandler)}
+	ln := moved.New(&net.UnixAddr{Name: "test", Net: "unix"})
+	defer ln.Close()
+	done := make(chan struct{})
+	go func() { defer close(done); u.receiveMoves(mine, ln) }()
+	moveOne(t, &movesOut{conn: theirs}, ln)
+	assert.Equal(t, 400, gcPercent(), "while connections move in")
+	theirs.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("receiveMoves did not return when the channel closed")
+	}
+	assert.Equal(t, 100, gcPercent(), "after the previous generation's end closed")
 }
 
 // TestMovesOutRaisesGCPercentFromTheFirstMove: a draining generation raises
@@ -109,4 +132,56 @@ func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
 	assert.Equal(t, 400, gcPercent(), "from the first move")
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
+}
+
+// TestMovesOutCloseBeforeMove: Close before any move raises nothing, and a
+// Move after Close raises nothing either (nobody would put it back).
+func TestMovesOutCloseBeforeMove(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(fds[1])
+	c, err := fileUnixConn(fds[0], "test-moves-parent")
+	require.NoError(t, err)
+	m := &movesOut{conn: c, gcPercent: 400}
+	m.Close()
+	assert.Equal(t, 100, gcPercent(), "after Close")
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	defer r.Close()
+	defer w.Close()
+	assert.Error(t, m.Move([]int{int(r.Fd())}), "a closed channel")
+	assert.Equal(t, 100, gcPercent(), "a Move after Close raises nothing")
+}
+
+// moveOne moves one loopback TCP connection through m and waits (10 s at
+// most) until ln yields it: receiveMoves then runs and has taken it.
+func moveOne(t *testing.T, m *movesOut, ln *moved.Listener) {
+	t.Helper()
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer tl.Close()
+	client, err := net.Dial("tcp", tl.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	sc, err := tl.Accept()
+	require.NoError(t, err)
+	f, err := sc.(*net.TCPConn).File()
+	require.NoError(t, err)
+	sc.Close()
+	require.NoError(t, m.Move([]int{int(f.Fd())}))
+	f.Close()
+	got := make(chan net.Conn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			got <- c
+		}
+	}()
+	select {
+	case c := <-got:
+		c.Close()
+	case <-time.After(10 * time.Second):
+		ln.Close() // ends the Accept above
+		t.Fatal("the moved connection was not accepted")
+	}
 }

@@ -87,10 +87,10 @@ type Options struct {
 	HandleSignals bool
 	// MoveGCPercent, if above the garbage collector's percent (GOGC), raises
 	// it to that (runtime/debug.SetGCPercent) while idle connections move:
-	// in a new generation while its previous generation's connections move in
-	// (see Moved), put back once they all have; in a draining generation from
-	// its first move out (see Mover) to Close. Zero leaves the collector
-	// alone, as does GOGC=off.
+	// in a new generation from the first connection that moves in (see Moved)
+	// until its previous generation reports its drain or exits; in a draining
+	// generation from its first move out (see Mover) to Close. Zero leaves
+	// the collector alone, as does GOGC=off or a higher percent.
 	//
 	// A moved connection's memory (net/http's buffers, its goroutine) stays
 	// live in the new generation as long as the connection: as thousands
@@ -98,11 +98,11 @@ type Options struct {
 	// collection that finds little garbage but whose pauses and mark work
 	// delay requests (their p99, on a loaded machine): with 100, a generation
 	// taking 1000 connections a second collected at 0.24, 0.46, 0.89 and 1.7 s.
-	// Its heap is mostly live, so a higher percent costs little memory (handoff
-	// serve's peak RSS with 10,000 moved connections: 231-234 MiB at 400,
-	// 237-245 at 100). In the old generation what they leave is garbage of a
-	// process about to exit. A program that sets the percent itself meanwhile
-	// has it put back to what it was when the moves began.
+	// In the old generation what they leave is garbage of a process about to
+	// exit. The percent applies to every allocation meanwhile: the heap may
+	// grow to (1+MoveGCPercent/100) times what is live, so set GOMEMLIMIT
+	// where memory is tight. The percent is put back to what it was when the
+	// moves began: a program that sets it itself meanwhile loses its setting.
 	MoveGCPercent int
 }
 

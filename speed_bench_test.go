@@ -1436,7 +1436,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		nullAfter, _ := window(u.hup-sec, u.hup)
 		nullBefore, _ := window(u.hup-3*sec, u.hup-sec)
 		p99b, p99a := percentile(before, 99), percentile(after, 99)
-		ratio, null := p99a/p99b, percentile(nullAfter, 99)/percentile(nullBefore, 99)
+		ratio, null := spRatio(p99a, p99b), spRatio(percentile(nullAfter, 99), percentile(nullBefore, 99))
 		during, _ := window(u.hup, u.gone) // the whole drain: every connection moves
 		allBefore, allAfter, allDuring = append(allBefore, before...), append(allAfter, after...), append(allDuring, during...)
 		ratios, nulls = append(ratios, ratio), append(nulls, null)
@@ -1467,9 +1467,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	}
 	p99b, p99a := percentile(allBefore, 99), percentile(allAfter, 99)
 	fmt.Fprintf(&t, "all %d upgrades: fast requests p99 %.2f ms in the seconds before (%d), %.2f ms in the seconds after (%d): ratio %.2f; per upgrade: median %.2f, %s; null ratios: median %.2f, %s\n",
-		len(ups), p99b, len(allBefore), p99a, len(allAfter), p99a/p99b, percentile(ratios, 50), spList(ratios), percentile(nulls, 50), spList(nulls))
+		len(ups), p99b, len(allBefore), p99a, len(allAfter), spRatio(p99a, p99b), percentile(ratios, 50), spList(ratios), percentile(nulls, 50), spList(nulls))
 	fmt.Fprintf(&t, "  over every drain, from the SIGHUP to the old generation's exit: fast requests p99 %.2f ms (%d): ratio %.2f\n",
-		percentile(allDuring, 99), len(allDuring), percentile(allDuring, 99)/p99b)
+		percentile(allDuring, 99), len(allDuring), spRatio(percentile(allDuring, 99), p99b))
 	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the last generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
 	if firstFail != nil {
 		fmt.Fprintf(&t, " (first: %v)", firstFail)
@@ -1487,13 +1487,21 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	b.ReportMetric(float64(failed), "failed-after")
 	b.ReportMetric(p99b, "p99-before-ms")
 	b.ReportMetric(p99a, "p99-after-ms")
-	b.ReportMetric(p99a/p99b, "p99-ratio")
+	b.ReportMetric(spRatio(p99a, p99b), "p99-ratio")
 	b.ReportMetric(percentile(ratios, 50), "p99-ratio-median")
-	b.ReportMetric(percentile(allDuring, 99)/p99b, "p99-drain-ratio")
+	b.ReportMetric(spRatio(percentile(allDuring, 99), p99b), "p99-drain-ratio")
 	b.ReportMetric(percentile(nulls, 50), "null-ratio-median")
 	b.ReportMetric(percentile(drainCPU, 50), "old-cpu-from-hup-ms")
 	b.ReportMetric(slices.Max(rssOld), "rss-old-MiB")
 	b.ReportMetric(slices.Max(rssNew), "rss-new-MiB")
+}
+
+// spRatio is a/b, or 0 when b is 0 (an empty window): never NaN or Inf.
+func spRatio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
 }
 
 // spList prints xs with two decimals.

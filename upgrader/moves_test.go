@@ -45,30 +45,17 @@ func TestRaiseGCPercent(t *testing.T) {
 }
 
 // TestReceiveMovesRaisesGCPercentUntilTheMovesEnd: the percent is raised
-// while the channel is open and put back when the previous generation closes
-// its end.
+// from the first connection moved in and put back at the drain report.
 func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
-	theirs, err := fileUnixConn(fds[0], "test-moves-parent")
-	require.NoError(t, err)
-	mine, err := fileUnixConn(fds[1], "test-moves-child")
-	require.NoError(t, err)
 	reported := make(chan DrainReport, 1)
-	u := &Upgrader{opts: Options{MoveGCPercent: 400, OnPreviousDrained: func(r DrainReport) { reported <- r }},
-		log: slog.New(slog.DiscardHandler)}
-	ln := moved.New(&net.UnixAddr{Name: "test", Net: "unix"})
-	defer ln.Close()
-	done := make(chan struct{})
-	go func() { defer close(done); u.receiveMoves(mine, ln) }()
-
+	theirs, ln, exit := receiving(t, Options{MoveGCPercent: 400, OnPreviousDrained: func(r DrainReport) { reported <- r }})
 	assert.Equal(t, 100, gcPercent(), "before any connection moved")
 	moveOne(t, &movesOut{conn: theirs}, ln)
 	assert.Equal(t, 400, gcPercent(), "while connections move in")
 
 	// The drain report: the moves are over, before the previous generation exits.
-	_, err = theirs.Write(append([]byte{drainPrefix}, `{"moved":1}`...))
+	_, err := theirs.Write(append([]byte{drainPrefix}, `{"moved":1}`...))
 	require.NoError(t, err)
 	select {
 	case r := <-reported:
@@ -77,13 +64,7 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 		t.Fatal("the drain report did not arrive")
 	}
 	assert.Equal(t, 100, gcPercent(), "once the previous generation reported its drain")
-
-	theirs.Close() // the previous generation exits
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("receiveMoves did not return when the channel closed")
-	}
+	exit()
 	assert.Equal(t, 100, gcPercent(), "after its exit")
 }
 
@@ -91,44 +72,47 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 // with -9 sends no report; its end closes, and the percent goes back.
 func TestReceiveMovesRestoresAtExitWithoutAReport(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	theirs, ln, exit := receiving(t, Options{MoveGCPercent: 400})
+	moveOne(t, &movesOut{conn: theirs}, ln)
+	assert.Equal(t, 400, gcPercent(), "while connections move in")
+	exit()
+	assert.Equal(t, 100, gcPercent(), "after the previous generation's end closed")
+}
+
+// receiving runs receiveMoves with opts on one end of a moves channel and
+// returns the other end, the listener it feeds, and exit, which closes the
+// other end as an exiting previous generation does and waits (10 s at most)
+// for receiveMoves to return.
+func receiving(t *testing.T, opts Options) (theirs *net.UnixConn, ln *moved.Listener, exit func()) {
+	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	require.NoError(t, err)
-	theirs, err := fileUnixConn(fds[0], "test-moves-parent")
+	theirs, err = fileUnixConn(fds[0], "test-moves-parent")
 	require.NoError(t, err)
 	mine, err := fileUnixConn(fds[1], "test-moves-child")
 	require.NoError(t, err)
-	u := &Upgrader{opts: Options{MoveGCPercent: 400}, log: slog.New(slog.DiscardHandler)}
-	ln := moved.New(&net.UnixAddr{Name: "test", Net: "unix"})
-	defer ln.Close()
+	u := &Upgrader{opts: opts, log: slog.New(slog.DiscardHandler)}
+	ln = moved.New(&net.UnixAddr{Name: "test", Net: "unix"})
+	t.Cleanup(func() { ln.Close() })
 	done := make(chan struct{})
 	go func() { defer close(done); u.receiveMoves(mine, ln) }()
-	moveOne(t, &movesOut{conn: theirs}, ln)
-	assert.Equal(t, 400, gcPercent(), "while connections move in")
-	theirs.Close()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("receiveMoves did not return when the channel closed")
+	return theirs, ln, func() {
+		theirs.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("receiveMoves did not return when the channel closed")
+		}
 	}
-	assert.Equal(t, 100, gcPercent(), "after the previous generation's end closed")
 }
 
 // TestMovesOutRaisesGCPercentFromTheFirstMove: a draining generation raises
 // the percent at its first move, and Close puts it back.
 func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
-	defer unix.Close(fds[1])
-	c, err := fileUnixConn(fds[0], "test-moves-parent")
-	require.NoError(t, err)
-	m := &movesOut{conn: c, gcPercent: 400}
+	m, fd := sending(t, 400)
 	assert.Equal(t, 100, gcPercent(), "before any move")
-	r, w, err := os.Pipe() // any descriptor moves
-	require.NoError(t, err)
-	defer r.Close()
-	defer w.Close()
-	require.NoError(t, m.Move([]int{int(r.Fd())}))
+	require.NoError(t, m.Move([]int{fd}))
 	assert.Equal(t, 400, gcPercent(), "from the first move")
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
@@ -138,19 +122,10 @@ func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
 // Move after Close raises nothing either (nobody would put it back).
 func TestMovesOutCloseBeforeMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
-	defer unix.Close(fds[1])
-	c, err := fileUnixConn(fds[0], "test-moves-parent")
-	require.NoError(t, err)
-	m := &movesOut{conn: c, gcPercent: 400}
+	m, fd := sending(t, 400)
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
-	r, w, err := os.Pipe()
-	require.NoError(t, err)
-	defer r.Close()
-	defer w.Close()
-	assert.Error(t, m.Move([]int{int(r.Fd())}), "a closed channel")
+	assert.Error(t, m.Move([]int{fd}), "a closed channel")
 	assert.Equal(t, 100, gcPercent(), "a Move after Close raises nothing")
 }
 
@@ -184,4 +159,19 @@ func moveOne(t *testing.T, m *movesOut, ln *moved.Listener) {
 		ln.Close() // ends the Accept above
 		t.Fatal("the moved connection was not accepted")
 	}
+}
+
+// sending returns a movesOut at gcPercent over a fresh channel, and a
+// descriptor to move (any will do: nobody takes it).
+func sending(t *testing.T, gcPercent int) (*movesOut, int) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Close(fds[1]) })
+	c, err := fileUnixConn(fds[0], "test-moves-parent")
+	require.NoError(t, err)
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	t.Cleanup(func() { r.Close(); w.Close() })
+	return &movesOut{conn: c, gcPercent: gcPercent}, int(r.Fd())
 }

@@ -1365,9 +1365,14 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		}
 		dr, _, _ := s.Logs.First(mark, "draining", itest.PIDIs(u.old))
 		u.drainingAt = spLogTime(dr)
+		cpus[u.old].stop() // gone: its PID may be reused
 		if u.old == p1 {
 			// The first generation is our child: its rusage is exact.
-			<-s.Proc.Exited()
+			select {
+			case <-s.Proc.Exited():
+			case <-time.After(10 * time.Second):
+				b.Fatalf("the first generation %d is gone but not reaped 10 s later", u.old)
+			}
 			if ru, ok := s.Proc.Cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 				u.oldCPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano() - cpuBefore)
 			}
@@ -1657,18 +1662,4 @@ func (c *spCPU) max() int64 {
 		m = max(m, s[1])
 	}
 	return m
-}
-
-// at returns the last sample taken at or before t (0: none).
-func (c *spCPU) at(t int64) int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var v int64
-	for _, s := range c.samples {
-		if s[0] > t {
-			break
-		}
-		v = s[1]
-	}
-	return v
 }

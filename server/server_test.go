@@ -86,6 +86,13 @@ func eventually(t *testing.T, cond func() bool, msg string) {
 	require.Eventually(t, cond, 5*time.Second, time.Millisecond, msg)
 }
 
+// tracked is how many connections s has accepted and not yet forgotten.
+func tracked(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
 func drainAsync(s *Server, ctx context.Context) <-chan Report { return drainToAsync(s, ctx, nil) }
 
 // drainToAsync runs DrainTo(ctx, m) and delivers its report.
@@ -137,6 +144,9 @@ func TestDrainClosesIdleConnectionAfterGrace(t *testing.T) {
 	resp := c.get("/")
 	assert.False(t, resp.Close, "keep-alive while serving")
 	silent := dial(t, addr) // accepted, never sends a request
+	// Dial returns once the kernel has the connection; the drain counts it
+	// only once Serve has accepted it (one still queued is reset instead).
+	eventually(t, func() bool { return tracked(s) == 2 }, "both connections accepted")
 
 	rep, err := s.Drain(context.Background())
 	require.NoError(t, err)

@@ -370,7 +370,14 @@ func TestHUPQueuedWhileDraining(t *testing.T) {
 	} else if last1, first3 := p1Idx[len(p1Idx)-1], p3Idx[0]; first3 < last1 {
 		t.Errorf("pid %d logged (line %d) before pid %d's last line (line %d): the queued upgrade did not wait", p3, first3, p1, last1)
 	}
-	s.Logs.Wait(t, 0, "exiting", itest.PIDIs(p1), 10*time.Second)
+	exiting := s.Logs.Wait(t, 0, "exiting", itest.PIDIs(p1), 10*time.Second)
+	// What the generation cost, for the operator (and the benchmarks).
+	if cpu, _ := exiting.Num("cpu"); cpu <= 0 {
+		t.Errorf("pid %d's exiting line has no CPU time: %v", p1, exiting.Fields)
+	}
+	if rss, _ := exiting.Num("peak_rss_kib"); rss < 1024 {
+		t.Errorf("pid %d's exiting line has no peak RSS: %v", p1, exiting.Fields)
+	}
 	s.Logs.Wait(t, mark, "upgrade succeeded", itest.PIDIs(p2), 10*time.Second)
 	_, exitIdx := s.Logs.Find(0, "exiting", itest.PIDIs(p1))
 	_, succIdx := s.Logs.Find(mark, "upgrade succeeded", itest.PIDIs(p2))

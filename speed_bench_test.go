@@ -1250,7 +1250,13 @@ func spMedMin(xs []float64) string {
 // generation must answer.
 func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	const conns, rate = 10_000, 1000
-	const upgrades, steady = 5, 5 // steady: seconds of steady state before each upgrade
+	const steady = 5 // seconds of steady state before each upgrade
+	// HANDOFF_BENCH_UPGRADES runs more upgrades than 5, for a steadier pooled
+	// p99; HANDOFF_BENCH_SERVE_ARGS adds flags to handoff serve (for A/B runs).
+	upgrades := 5
+	if n, err := strconv.Atoi(os.Getenv("HANDOFF_BENCH_UPGRADES")); err == nil && n > 0 {
+		upgrades = n
+	}
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		b.Fatal(err)
@@ -1263,9 +1269,12 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		b.Fatal(err)
 	}
 	ev, _ := spListenEvents(b)
-	s := itest.StartServer(b, itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "30s"})
+	s := itest.StartServer(b, itest.ServerOpts{UpgradeTimeout: "10s", DrainTimeout: "30s", Args: strings.Fields(os.Getenv("HANDOFF_BENCH_SERVE_ARGS"))})
 	p1 := s.LivePID()
-	rss := spSampleRSS(b, p1)
+	// Each generation's CPU time and peak RSS come from its exiting line
+	// (getrusage): a sampler reading /proc meanwhile would load the window
+	// measured.
+	peaks := map[int]int64{} // KiB
 
 	// The idle connections.
 	openStart := time.Now()
@@ -1303,8 +1312,8 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	}
 	opened := time.Since(openStart)
 
-	load := itest.StartLoad(b, s.Addr, rate, "--conns", "16", "--new-conn-fraction", "0.3", "--samples")
-	cpus := map[int]*spCPU{p1: spSampleCPU(b, p1)}
+	load := itest.StartLoad(b, s.Addr, rate, "--conns", "16", "--new-conn-fraction", "0.3", "--samples",
+		"--duration", fmt.Sprintf("%ds", 60+upgrades*(steady+20))) // an upgrade takes 15 s
 	b.ResetTimer()
 
 	// upgrades upgrades, each once the previous one's connections have all
@@ -1344,8 +1353,6 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			b.Fatalf("no answer from a new PID 30s after SIGHUP")
 		}
 		u.new, u.answer = poll.pid, poll.at
-		rss.add(u.new)
-		cpus[u.new] = spSampleCPU(b, u.new)
 		// Listing /proc/PID/fd costs about 1 ms per 1000 descriptors: the
 		// samples start after the second whose latency is measured.
 		u.fds = spSampleFDs(b, u.new, u.hup+int64(time.Second))
@@ -1365,29 +1372,18 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		}
 		dr, _, _ := s.Logs.First(mark, "draining", itest.PIDIs(u.old))
 		u.drainingAt = spLogTime(dr)
-		cpus[u.old].stop() // gone: its PID may be reused
-		if u.old == p1 {
-			// The first generation is our child: its rusage is exact.
-			select {
-			case <-s.Proc.Exited():
-			case <-time.After(10 * time.Second):
-				b.Fatalf("the first generation %d is gone but not reaped 10 s later", u.old)
-			}
-			if ru, ok := s.Proc.Cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-				u.oldCPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano() - cpuBefore)
-			}
-		} else {
-			u.oldCPU = time.Duration(cpus[u.old].max() - cpuBefore) // sampled every 5 ms until it exited
-		}
+		// Its CPU time at the SIGHUP (schedstat) against its own at its exit
+		// (getrusage): the kernel counts both from the same runtime.
+		exiting := s.Logs.Wait(b, mark, "exiting", itest.PIDIs(u.old), 10*time.Second)
+		cpu, _ := exiting.Num("cpu")
+		u.oldCPU = time.Duration(cpu - cpuBefore)
+		peaks[u.old], _ = exiting.Num("peak_rss_kib")
 		ups = append(ups, u)
 		live = u.new
 	}
 	time.Sleep(time.Second) // the second after the last upgrade, whole
 	b.StopTimer()
 	res, _ := load.Stop()
-	for _, c := range cpus {
-		c.stop()
-	}
 
 	// One request on every idle connection: the last generation answers them all.
 	var byNew, byOther, failed int
@@ -1416,8 +1412,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	}
 	wg.Wait()
 	asked := time.Since(askStart)
-	rss.stop()
-	peaks := rss.peaks()
+	peaks[live], _ = itest.VmHWM(live)
 
 	// Latency of the fast requests, in ms, sent in [from, to).
 	window := func(from, to int64) (ms []float64, smps []loadgen.Sample) {
@@ -1431,6 +1426,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	}
 	sec := int64(time.Second)
 	var allBefore, allAfter, allDuring, ratios, nulls, drainCPU []float64
+	var afterAt []spTimed // every fast request of the seconds after, from its SIGHUP
 	var t strings.Builder
 	fmt.Fprintf(&t, "%d idle keep-alive connections opened in %v; load %d req/s (30%% on new connections): %d requests, %d failed %v\n",
 		conns, opened.Round(time.Millisecond), rate, res.Requests, res.Failed, res.Failures)
@@ -1444,6 +1440,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		ratio, null := spRatio(p99a, p99b), spRatio(percentile(nullAfter, 99), percentile(nullBefore, 99))
 		during, _ := window(u.hup, u.gone) // the whole drain: every connection moves
 		allBefore, allAfter, allDuring = append(allBefore, before...), append(allAfter, after...), append(allDuring, during...)
+		for _, smp := range afterSmp {
+			afterAt = append(afterAt, spTimed{at: smp.Start - u.hup, ms: float64(smp.LatencyUS) / 1000})
+		}
 		ratios, nulls = append(ratios, ratio), append(nulls, null)
 		drainCPU = append(drainCPU, float64(u.oldCPU)/1e6)
 		moved, _ := u.drained.Num("moved")
@@ -1475,6 +1474,29 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		len(ups), p99b, len(allBefore), p99a, len(allAfter), spRatio(p99a, p99b), percentile(ratios, 50), spList(ratios), percentile(nulls, 50), spList(nulls))
 	fmt.Fprintf(&t, "  over every drain, from the SIGHUP to the old generation's exit: fast requests p99 %.2f ms (%d): ratio %.2f\n",
 		percentile(allDuring, 99), len(allDuring), spRatio(percentile(allDuring, 99), p99b))
+	// A steadier view than a ratio of two tails: how many of the requests
+	// after are slower than the p99 before (1% when nothing changed).
+	fmt.Fprintf(&t, "  slower than the p99 before: %.2f%% of the seconds after, %.2f%% of every drain (1%% when an upgrade changes nothing); p90 ratio %.2f\n",
+		spAbove(allAfter, p99b), spAbove(allDuring, p99b), spRatio(percentile(allAfter, 90), percentile(allBefore, 90)))
+	// Where they are: the start of the new generation, or the moves after it.
+	const startup = 50 * time.Millisecond
+	var early, late, earlySlow, lateSlow int
+	for _, a := range afterAt {
+		switch {
+		case a.at < int64(startup) && a.ms > p99b:
+			earlySlow++
+			early++
+		case a.at < int64(startup):
+			early++
+		case a.ms > p99b:
+			lateSlow++
+			late++
+		default:
+			late++
+		}
+	}
+	fmt.Fprintf(&t, "  of them in the first %v after a SIGHUP: %d of %d (%.1f%%); later in that second: %d of %d (%.2f%%)\n",
+		startup, earlySlow, early, 100*float64(earlySlow)/float64(max(early, 1)), lateSlow, late, 100*float64(lateSlow)/float64(max(late, 1)))
 	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the last generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
 	if firstFail != nil {
 		fmt.Fprintf(&t, " (first: %v)", firstFail)
@@ -1499,6 +1521,26 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	b.ReportMetric(percentile(drainCPU, 50), "old-cpu-from-hup-ms")
 	b.ReportMetric(slices.Max(rssOld), "rss-old-MiB")
 	b.ReportMetric(slices.Max(rssNew), "rss-new-MiB")
+}
+
+// spTimed is a request's latency and when it was sent.
+type spTimed struct {
+	at int64 // ns from its upgrade's SIGHUP
+	ms float64
+}
+
+// spAbove is the percentage of xs above v.
+func spAbove(xs []float64, v float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	n := 0
+	for _, x := range xs {
+		if x > v {
+			n++
+		}
+	}
+	return 100 * float64(n) / float64(len(xs))
 }
 
 // spRatio is a/b, or 0 when b is 0 (an empty window): never NaN or Inf.
@@ -1610,13 +1652,6 @@ func (f *spFDs) summary(from int64, moved int) string {
 		base, ms(half), ms(all), peak)
 }
 
-// spCPU samples a process's CPU time every 5 ms until it exits.
-type spCPU struct {
-	mu      sync.Mutex
-	samples [][2]int64 // unix ns, CPU ns
-	stop    func()
-}
-
 // spCPUns is the CPU time of pid so far, ns: the sum of its threads'
 // sum_exec_runtime (/proc/PID/task/*/schedstat); 0 when it is gone.
 func spCPUns(pid int) int64 {
@@ -1637,29 +1672,4 @@ func spCPUns(pid int) int64 {
 		}
 	}
 	return sum
-}
-
-func spSampleCPU(tb testing.TB, pid int) *spCPU {
-	c := &spCPU{}
-	c.stop = itest.Every(tb, 5*time.Millisecond, func() {
-		if n := spCPUns(pid); n > 0 {
-			c.mu.Lock()
-			c.samples = append(c.samples, [2]int64{time.Now().UnixNano(), n})
-			c.mu.Unlock()
-		}
-	})
-	return c
-}
-
-// max returns the largest sample (0: none): the process's CPU time when it
-// exited, within 5 ms (the threads of an exiting process leave the sum as
-// they end).
-func (c *spCPU) max() int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var m int64
-	for _, s := range c.samples {
-		m = max(m, s[1])
-	}
-	return m
 }

@@ -318,7 +318,7 @@ func (u *Upgrader) Close() error {
 		if u.opts.PIDFile != "" && !handed {
 			err = pidfile.Remove(u.opts.PIDFile, os.Getpid())
 		}
-		u.log.Info("exiting")
+		u.log.Info("exiting", usage()...)
 	})
 	return err
 }
@@ -334,4 +334,15 @@ func (u *Upgrader) takePIDPrep() *pidfile.Pending {
 		return nil
 	}
 	return <-c
+}
+
+// usage is this process's CPU time (user and system) and peak RSS so far,
+// as log attributes: what one generation cost, from its exiting line.
+func usage() []any {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return nil
+	}
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return []any{"cpu", cpu, "peak_rss_kib", ru.Maxrss} // Linux: Maxrss in KiB
 }

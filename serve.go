@@ -39,6 +39,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
 	moveRate := fs.Int("move-rate", server.DefaultMoveRate, "idle keep-alive connections moved to the new generation per second at a handoff (0: all at once)")
 	moveGC := fs.Int("move-gc-percent", defaultMoveGC(), "garbage collector percent while idle connections move, in both generations, if above GOGC (0: leave the collector alone; the default is 0 when GOGC is set)")
+	moveProcs := fs.Int("move-max-procs", 1, "GOMAXPROCS of the old generation while its idle connections move, if below its own: the other cores serve the new one (0: leave it)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -53,6 +54,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	if *moveGC < 0 {
 		return fail(stderr, exitUsage, "handoff serve: --move-gc-percent must be 0 (leave the collector alone) or positive")
+	}
+	if *moveProcs < 0 {
+		return fail(stderr, exitUsage, "handoff serve: --move-max-procs must be 0 (leave GOMAXPROCS alone) or positive")
 	}
 	base, err := newLogger(*logFormat, stderr)
 	if err != nil {
@@ -111,6 +115,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
 		MoveGCPercent:  *moveGC,
+		MoveMaxProcs:   *moveProcs,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")

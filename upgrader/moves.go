@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"sync"
@@ -37,11 +38,12 @@ const moveTimeout = 2 * time.Second
 type movesOut struct {
 	conn      *net.UnixConn
 	gcPercent int       // Options.MoveGCPercent
+	maxProcs  int       // Options.MoveMaxProcs
 	raise     sync.Once // at the first Move: this generation drains
 	restore   func()
 }
 
-func newMovesOut(tf *tableflip.Upgrader, gcPercent int) (*movesOut, error) {
+func newMovesOut(tf *tableflip.Upgrader, opts Options) (*movesOut, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("create moves channel: %w", err)
@@ -57,17 +59,26 @@ func newMovesOut(tf *tableflip.Upgrader, gcPercent int) (*movesOut, error) {
 		mine.Close()
 		return nil, fmt.Errorf("pass moves channel: %w", err)
 	}
-	return &movesOut{conn: mine, gcPercent: gcPercent}, nil
+	return movesOver(mine, opts), nil
+}
+
+// movesOver is a movesOut over c with opts' settings.
+func movesOver(c *net.UnixConn, opts Options) *movesOut {
+	return &movesOut{conn: c, gcPercent: opts.MoveGCPercent, maxProcs: opts.MoveMaxProcs}
 }
 
 // Move sends fds, at most maxMoveBatch, in one message. The first one raises
 // the collector's percent (Options.MoveGCPercent): what the moved connections
-// leave behind is garbage of a process that exits at the end of its drain.
+// leave behind is garbage of a process that exits at the end of its drain;
+// and lowers GOMAXPROCS (Options.MoveMaxProcs): the next generation serves.
 func (m *movesOut) Move(fds []int) error {
 	if len(fds) > maxMoveBatch {
 		return fmt.Errorf("move: %d descriptors in one batch (at most %d)", len(fds), maxMoveBatch)
 	}
-	m.raise.Do(func() { m.restore = raiseGCPercent(m.gcPercent) })
+	m.raise.Do(func() {
+		gc, procs := raiseGCPercent(m.gcPercent), lowerMaxProcs(m.maxProcs)
+		m.restore = func() { procs(); gc() }
+	})
 	m.conn.SetWriteDeadline(time.Now().Add(moveTimeout))
 	_, _, err := m.conn.WriteMsgUnix([]byte{byte(len(fds))}, unix.UnixRights(fds...), nil)
 	if err != nil {
@@ -185,6 +196,16 @@ func raiseGCPercent(p int) (restore func()) {
 	}
 	prev := debug.SetGCPercent(p)
 	return func() { debug.SetGCPercent(prev) }
+}
+
+// lowerMaxProcs sets GOMAXPROCS to n if that lowers it, and returns what
+// puts it back (Options.MoveMaxProcs).
+func lowerMaxProcs(n int) (restore func()) {
+	if n <= 0 || runtime.GOMAXPROCS(0) <= n {
+		return func() {}
+	}
+	prev := runtime.GOMAXPROCS(n)
+	return func() { runtime.GOMAXPROCS(prev) }
 }
 
 // currentGCPercent reads the collector's percent without setting it: -1 when

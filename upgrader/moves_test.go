@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"testing"
 	"time"
@@ -106,27 +107,55 @@ func receiving(t *testing.T, opts Options) (theirs *net.UnixConn, ln *moved.List
 	}
 }
 
+func TestLowerMaxProcs(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	for _, tc := range []struct {
+		name            string
+		before, n, want int
+	}{
+		{"lowered", 4, 1, 1},
+		{"already lower", 1, 2, 1},
+		{"equal", 2, 2, 2},
+		{"zero: left alone", 4, 0, 4},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			runtime.GOMAXPROCS(tc.before)
+			restore := lowerMaxProcs(tc.n)
+			assert.Equal(t, tc.want, runtime.GOMAXPROCS(0), "while moving")
+			restore()
+			assert.Equal(t, tc.before, runtime.GOMAXPROCS(0), "after")
+		})
+	}
+}
+
 // TestMovesOutRaisesGCPercentFromTheFirstMove: a draining generation raises
-// the percent at its first move, and Close puts it back.
+// the percent and lowers GOMAXPROCS at its first move, and Close puts both
+// back.
 func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	m, fd := sending(t, 400)
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
+	m, fd := sending(t, Options{MoveGCPercent: 400, MoveMaxProcs: 1})
 	assert.Equal(t, 100, gcPercent(), "before any move")
+	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "before any move")
 	require.NoError(t, m.Move([]int{fd}))
 	assert.Equal(t, 400, gcPercent(), "from the first move")
+	assert.Equal(t, 1, runtime.GOMAXPROCS(0), "from the first move")
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
+	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "after Close")
 }
 
 // TestMovesOutCloseBeforeMove: Close before any move raises nothing, and a
 // Move after Close raises nothing either (nobody would put it back).
 func TestMovesOutCloseBeforeMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	m, fd := sending(t, 400)
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
+	m, fd := sending(t, Options{MoveGCPercent: 400, MoveMaxProcs: 1})
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
 	assert.Error(t, m.Move([]int{fd}), "a closed channel")
 	assert.Equal(t, 100, gcPercent(), "a Move after Close raises nothing")
+	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "nor lowers anything")
 }
 
 // moveOne moves one loopback TCP connection through m and waits (10 s at
@@ -161,9 +190,9 @@ func moveOne(t *testing.T, m *movesOut, ln *moved.Listener) {
 	}
 }
 
-// sending returns a movesOut at gcPercent over a fresh channel, and a
+// sending returns a movesOut with opts' settings over a fresh channel, and a
 // descriptor to move (any will do: nobody takes it).
-func sending(t *testing.T, gcPercent int) (*movesOut, int) {
+func sending(t *testing.T, opts Options) (*movesOut, int) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	require.NoError(t, err)
@@ -173,5 +202,5 @@ func sending(t *testing.T, gcPercent int) (*movesOut, int) {
 	r, w, err := os.Pipe()
 	require.NoError(t, err)
 	t.Cleanup(func() { r.Close(); w.Close() })
-	return &movesOut{conn: c, gcPercent: gcPercent}, int(r.Fd())
+	return movesOver(c, opts), int(r.Fd())
 }

@@ -1262,6 +1262,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	upgrades := 5
 	if n, err := strconv.Atoi(os.Getenv("HANDOFF_BENCH_UPGRADES")); err == nil && n > 0 {
 		upgrades = min(n, 8)
+		if n > upgrades {
+			b.Logf("HANDOFF_BENCH_UPGRADES=%d: %d upgrades (the idle connections must not outlive 150 s)", n, upgrades)
+		}
 	}
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
@@ -1382,7 +1385,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		// (getrusage): the kernel counts both from the same runtime.
 		exiting := s.Logs.Wait(b, mark, "exiting", itest.PIDIs(u.old), 10*time.Second)
 		cpu, _ := exiting.Num("cpu")
-		u.oldCPU = time.Duration(cpu - cpuBefore)
+		if cpuBefore > 0 && cpu > 0 {
+			u.oldCPU = time.Duration(cpu - cpuBefore)
+		}
 		peaks[u.old], _ = exiting.Num("peak_rss_kib")
 		ups = append(ups, u)
 		live = u.new
@@ -1470,7 +1475,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
 		fmt.Fprintf(&t, "  SIGHUP -> first answer from the new pid %.2f ms; -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
 			float64(u.answer-u.hup)/1e6, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
-		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exit %.1f ms; %s\n",
+		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exiting line %.1f ms; %s\n",
 			float64(dur)/1e6, moved, closedIdle, cut, float64(u.oldCPU)/1e6, u.fds.summary(u.drainingAt, int(moved)))
 		fmt.Fprintf(&t, "  new generation: %d connections received %.1f ms after the old one's \"draining\"; peak RSS old %.1f MiB, new %.1f MiB\n",
 			recvCount, float64(spLogTime(u.received)-u.drainingAt)/1e6, float64(peaks[u.old])/1024, float64(peaks[u.new])/1024)

@@ -277,7 +277,7 @@ func (u *Upgrader) childChannelLocked() (*childChannel, error) {
 		if err != nil {
 			return nil, err
 		}
-		m, err := newMovesOut(u.tf, u.opts)
+		m, err := newMovesOut(u.tf, u.opts, u.log)
 		if err != nil {
 			ch.Close()
 			return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -339,10 +340,29 @@ func (u *Upgrader) takePIDPrep() *pidfile.Pending {
 // usage is this process's CPU time (user and system) and peak RSS so far,
 // as log attributes: what one generation cost, from its exiting line.
 func usage() []any {
+	var attrs []any
 	var ru syscall.Rusage
-	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
-		return nil
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
+		attrs = append(attrs, "cpu", time.Duration(ru.Utime.Nano()+ru.Stime.Nano()))
 	}
-	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	return []any{"cpu", cpu, "peak_rss_kib", ru.Maxrss} // Linux: Maxrss in KiB
+	if kib, ok := peakRSSKiB(); ok {
+		attrs = append(attrs, "peak_rss_kib", kib)
+	}
+	return attrs
+}
+
+// peakRSSKiB is VmHWM (Linux). Not getrusage's ru_maxrss: a process keeps
+// that across exec, so a new generation's would start at its parent's peak.
+func peakRSSKiB() (int64, bool) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return n, err == nil
+		}
+	}
+	return 0, false
 }

@@ -3,6 +3,7 @@ package upgrader
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"runtime"
@@ -37,13 +38,14 @@ const moveTimeout = 2 * time.Second
 // movesOut is a generation's end of the pair, made at its first upgrade.
 type movesOut struct {
 	conn      *net.UnixConn
-	gcPercent int       // Options.MoveGCPercent
-	maxProcs  int       // Options.MoveMaxProcs
+	gcPercent int // Options.MoveGCPercent
+	maxProcs  int // Options.MoveMaxProcs
+	log       *slog.Logger
 	raise     sync.Once // at the first Move: this generation drains
 	restore   func()
 }
 
-func newMovesOut(tf *tableflip.Upgrader, opts Options) (*movesOut, error) {
+func newMovesOut(tf *tableflip.Upgrader, opts Options, log *slog.Logger) (*movesOut, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("create moves channel: %w", err)
@@ -59,12 +61,12 @@ func newMovesOut(tf *tableflip.Upgrader, opts Options) (*movesOut, error) {
 		mine.Close()
 		return nil, fmt.Errorf("pass moves channel: %w", err)
 	}
-	return movesOver(mine, opts), nil
+	return movesOver(mine, opts, log), nil
 }
 
 // movesOver is a movesOut over c with opts' settings.
-func movesOver(c *net.UnixConn, opts Options) *movesOut {
-	return &movesOut{conn: c, gcPercent: opts.MoveGCPercent, maxProcs: opts.MoveMaxProcs}
+func movesOver(c *net.UnixConn, opts Options, log *slog.Logger) *movesOut {
+	return &movesOut{conn: c, gcPercent: opts.MoveGCPercent, maxProcs: opts.MoveMaxProcs, log: log}
 }
 
 // Move sends fds, at most maxMoveBatch, in one message. The first one raises
@@ -78,6 +80,8 @@ func (m *movesOut) Move(fds []int) error {
 	m.raise.Do(func() {
 		gc, procs := raiseGCPercent(m.gcPercent), lowerMaxProcs(m.maxProcs)
 		m.restore = func() { procs(); gc() }
+		percent, _ := currentGCPercent()
+		m.log.Info("moving idle connections to the new generation", "gc_percent", percent, "gomaxprocs", runtime.GOMAXPROCS(0))
 	})
 	m.conn.SetWriteDeadline(time.Now().Add(moveTimeout))
 	_, _, err := m.conn.WriteMsgUnix([]byte{byte(len(fds))}, unix.UnixRights(fds...), nil)

@@ -52,7 +52,7 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 	reported := make(chan DrainReport, 1)
 	theirs, ln, exit := receiving(t, Options{MoveGCPercent: 400, OnPreviousDrained: func(r DrainReport) { reported <- r }})
 	assert.Equal(t, 100, gcPercent(), "before any connection moved")
-	moveOne(t, &movesOut{conn: theirs}, ln)
+	moveOne(t, movesOver(theirs, Options{}, slog.New(slog.DiscardHandler)), ln)
 	assert.Equal(t, 400, gcPercent(), "while connections move in")
 
 	// The drain report: the moves are over, before the previous generation exits.
@@ -74,7 +74,7 @@ func TestReceiveMovesRaisesGCPercentUntilTheMovesEnd(t *testing.T) {
 func TestReceiveMovesRestoresAtExitWithoutAReport(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
 	theirs, ln, exit := receiving(t, Options{MoveGCPercent: 400})
-	moveOne(t, &movesOut{conn: theirs}, ln)
+	moveOne(t, movesOver(theirs, Options{}, slog.New(slog.DiscardHandler)), ln)
 	assert.Equal(t, 400, gcPercent(), "while connections move in")
 	exit()
 	assert.Equal(t, 100, gcPercent(), "after the previous generation's end closed")
@@ -202,5 +202,5 @@ func sending(t *testing.T, opts Options) (*movesOut, int) {
 	r, w, err := os.Pipe()
 	require.NoError(t, err)
 	t.Cleanup(func() { r.Close(); w.Close() })
-	return movesOver(c, opts), int(r.Fd())
+	return movesOver(c, opts, slog.New(slog.DiscardHandler)), int(r.Fd())
 }

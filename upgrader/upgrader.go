@@ -106,17 +106,20 @@ type Options struct {
 	MoveGCPercent int
 	// MoveMaxProcs, if positive and below GOMAXPROCS, lowers GOMAXPROCS to
 	// that in a draining generation from its first move out (see Mover) to
-	// Close: what it still does (the moves, the requests in flight) then
-	// runs on that many cores at a time, and the others are left to the
-	// next generation, which serves the load meanwhile. Zero leaves it.
+	// Close: everything the process still runs (the moves, the requests in
+	// flight, hijacked connections, its other goroutines) then runs on that
+	// many cores at a time, which leaves the others free for the next
+	// generation, serving the load meanwhile. Zero leaves it.
 	//
 	// Each moved connection costs the draining process about 35 µs of CPU
-	// and the next one about 25: at 1000 a second, with the load on two
-	// cores, the requests slower than the p99 before the upgrade went from
-	// 1% to 2.3-3.2% over the drain's first second with GOMAXPROCS 2, and to
-	// 1.4-1.6% with 1 (BenchmarkUpgradeTenThousandConns). A handler that
-	// needs many cores runs slower during the drain: the drain's deadline
-	// still bounds it.
+	// and the next one about 25. Measured on two cores only (2 to 1), with
+	// the load generator on the same cores, moving 10,000 connections at
+	// 1000 a second (BenchmarkUpgradeTenThousandConns, README): it halved
+	// the requests slowed by the drain. The cost: CPU-heavy work still in
+	// flight runs up to GOMAXPROCS times slower, and may be cut at the
+	// drain's deadline. Close puts back the value it found, as a fixed
+	// setting (Go's automatic update of GOMAXPROCS stays off); a program
+	// that sets it meanwhile loses its setting.
 	MoveMaxProcs int
 }
 

@@ -594,7 +594,6 @@ func TestCLI(t *testing.T) {
 		{name: "bad duration", bin: "handoff-v1", args: []string{"serve", "--drain-timeout", "banana"}, code: 2, stderrHas: "banana"},
 		{name: "negative move rate", bin: "handoff-v1", args: []string{"serve", "--move-rate", "-5"}, code: 2, stderrHas: "--move-rate"},
 		{name: "negative move gc percent", bin: "handoff-v1", args: []string{"serve", "--move-gc-percent", "-1"}, code: 2, stderrHas: "--move-gc-percent"},
-		{name: "negative move max procs", bin: "handoff-v1", args: []string{"serve", "--move-max-procs", "-1"}, code: 2, stderrHas: "--move-max-procs"},
 		{name: "unknown command", bin: "handoff-v1", args: []string{"frobnicate"}, code: 2, stderrHas: "frobnicate"},
 		{name: "unknown load flag", bin: "handoff-v1", args: []string{"load", "--no-such-flag"}, code: 2, stderrHas: "no-such-flag"},
 		{name: "listen address in use", bin: "handoff-v1", args: []string{"serve", "--listen", busyAddr, "--pidfile", filepath.Join(dir, "busy.pid")},

@@ -39,7 +39,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
 	moveRate := fs.Int("move-rate", server.DefaultMoveRate, "idle keep-alive connections moved to the new generation per second at a handoff (0: all at once)")
 	moveGC := fs.Int("move-gc-percent", defaultMoveGC(), "garbage collector percent while idle connections move, in both generations, if above GOGC (0: leave the collector alone; the default is 0 when GOGC is set)")
-	moveProcs := fs.Int("move-max-procs", defaultMoveProcs(), "GOMAXPROCS of the old generation from its first idle connection moved to its exit (its requests in flight and WebSockets included), if lower than its own (0: leave it; the default is 0 when GOMAXPROCS is set)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -54,9 +53,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	if *moveGC < 0 {
 		return fail(stderr, exitUsage, "handoff serve: --move-gc-percent must be 0 (leave the collector alone) or positive")
-	}
-	if *moveProcs < 0 {
-		return fail(stderr, exitUsage, "handoff serve: --move-max-procs must be 0 (leave GOMAXPROCS alone) or positive")
 	}
 	base, err := newLogger(*logFormat, stderr)
 	if err != nil {
@@ -115,7 +111,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
 		MoveGCPercent:  *moveGC,
-		MoveMaxProcs:   *moveProcs,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")
@@ -256,15 +251,6 @@ func checkServe(opts upgrader.Options, listen []string, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, prefix+"ok (version %s)\n", version)
 	return exitOK
-}
-
-// defaultMoveProcs is --move-max-procs's default: 1, or 0 when the operator
-// set GOMAXPROCS, which then holds during the drain too.
-func defaultMoveProcs() int {
-	if os.Getenv("GOMAXPROCS") != "" {
-		return 0
-	}
-	return 1
 }
 
 // defaultMoveGC is --move-gc-percent's default: 400, or 0 when the operator

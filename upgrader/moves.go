@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"sync"
@@ -39,7 +38,6 @@ const moveTimeout = 2 * time.Second
 type movesOut struct {
 	conn      *net.UnixConn
 	gcPercent int // Options.MoveGCPercent
-	maxProcs  int // Options.MoveMaxProcs
 	log       *slog.Logger
 	raise     sync.Once // at the first Move: this generation drains
 	restore   func()
@@ -66,22 +64,20 @@ func newMovesOut(tf *tableflip.Upgrader, opts Options, log *slog.Logger) (*moves
 
 // movesOver is a movesOut over c with opts' settings.
 func movesOver(c *net.UnixConn, opts Options, log *slog.Logger) *movesOut {
-	return &movesOut{conn: c, gcPercent: opts.MoveGCPercent, maxProcs: opts.MoveMaxProcs, log: log}
+	return &movesOut{conn: c, gcPercent: opts.MoveGCPercent, log: log}
 }
 
 // Move sends fds, at most maxMoveBatch, in one message. The first one raises
 // the collector's percent (Options.MoveGCPercent): what the moved connections
-// leave behind is garbage of a process that exits at the end of its drain;
-// and lowers GOMAXPROCS (Options.MoveMaxProcs): the next generation serves.
+// leave behind is garbage of a process that exits at the end of its drain.
 func (m *movesOut) Move(fds []int) error {
 	if len(fds) > maxMoveBatch {
 		return fmt.Errorf("move: %d descriptors in one batch (at most %d)", len(fds), maxMoveBatch)
 	}
 	m.raise.Do(func() {
-		gc, procs := raiseGCPercent(m.gcPercent), lowerMaxProcs(m.maxProcs)
-		m.restore = func() { procs(); gc() }
+		m.restore = raiseGCPercent(m.gcPercent)
 		percent, _ := currentGCPercent()
-		m.log.Info("moving idle connections to the new generation", "gc_percent", percent, "gomaxprocs", runtime.GOMAXPROCS(0))
+		m.log.Info("moving idle connections to the new generation", "gc_percent", percent)
 	})
 	m.conn.SetWriteDeadline(time.Now().Add(moveTimeout))
 	_, _, err := m.conn.WriteMsgUnix([]byte{byte(len(fds))}, unix.UnixRights(fds...), nil)
@@ -200,16 +196,6 @@ func raiseGCPercent(p int) (restore func()) {
 	}
 	prev := debug.SetGCPercent(p)
 	return func() { debug.SetGCPercent(prev) }
-}
-
-// lowerMaxProcs sets GOMAXPROCS to n if that lowers it, and returns what
-// puts it back (Options.MoveMaxProcs).
-func lowerMaxProcs(n int) (restore func()) {
-	if n <= 0 || runtime.GOMAXPROCS(0) <= n {
-		return func() {}
-	}
-	prev := runtime.GOMAXPROCS(n)
-	return func() { runtime.GOMAXPROCS(prev) }
 }
 
 // currentGCPercent reads the collector's percent without setting it: -1 when

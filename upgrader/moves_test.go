@@ -4,7 +4,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"testing"
 	"time"
@@ -107,55 +106,27 @@ func receiving(t *testing.T, opts Options) (theirs *net.UnixConn, ln *moved.List
 	}
 }
 
-func TestLowerMaxProcs(t *testing.T) {
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
-	for _, tc := range []struct {
-		name            string
-		before, n, want int
-	}{
-		{"lowered", 4, 1, 1},
-		{"already lower", 1, 2, 1},
-		{"equal", 2, 2, 2},
-		{"zero: left alone", 4, 0, 4},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			runtime.GOMAXPROCS(tc.before)
-			restore := lowerMaxProcs(tc.n)
-			assert.Equal(t, tc.want, runtime.GOMAXPROCS(0), "while moving")
-			restore()
-			assert.Equal(t, tc.before, runtime.GOMAXPROCS(0), "after")
-		})
-	}
-}
-
 // TestMovesOutRaisesGCPercentFromTheFirstMove: a draining generation raises
-// the percent and lowers GOMAXPROCS at its first move, and Close puts both
-// back.
+// the percent at its first move, and Close puts it back.
 func TestMovesOutRaisesGCPercentFromTheFirstMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
-	m, fd := sending(t, Options{MoveGCPercent: 400, MoveMaxProcs: 1})
+	m, fd := sending(t, Options{MoveGCPercent: 400})
 	assert.Equal(t, 100, gcPercent(), "before any move")
-	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "before any move")
 	require.NoError(t, m.Move([]int{fd}))
 	assert.Equal(t, 400, gcPercent(), "from the first move")
-	assert.Equal(t, 1, runtime.GOMAXPROCS(0), "from the first move")
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
-	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "after Close")
 }
 
 // TestMovesOutCloseBeforeMove: Close before any move raises nothing, and a
 // Move after Close raises nothing either (nobody would put it back).
 func TestMovesOutCloseBeforeMove(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
-	m, fd := sending(t, Options{MoveGCPercent: 400, MoveMaxProcs: 1})
+	m, fd := sending(t, Options{MoveGCPercent: 400})
 	m.Close()
 	assert.Equal(t, 100, gcPercent(), "after Close")
 	assert.Error(t, m.Move([]int{fd}), "a closed channel")
 	assert.Equal(t, 100, gcPercent(), "a Move after Close raises nothing")
-	assert.Equal(t, 4, runtime.GOMAXPROCS(0), "nor lowers anything")
 }
 
 // moveOne moves one loopback TCP connection through m and waits (10 s at

@@ -104,23 +104,6 @@ type Options struct {
 	// where memory is tight. The percent is put back to what it was when the
 	// moves began: a program that sets it itself meanwhile loses its setting.
 	MoveGCPercent int
-	// MoveMaxProcs, if positive and below GOMAXPROCS, lowers GOMAXPROCS to
-	// that in a draining generation from its first move out (see Mover) to
-	// Close: everything the process still runs (the moves, the requests in
-	// flight, hijacked connections, its other goroutines) then runs on that
-	// many cores at a time, which leaves the others free for the next
-	// generation, serving the load meanwhile. Zero leaves it.
-	//
-	// Each moved connection costs the draining process about 35 µs of CPU
-	// and the next one about 25. Measured on two cores only (2 to 1), with
-	// the load generator on the same cores, moving 10,000 connections at
-	// 1000 a second (BenchmarkUpgradeTenThousandConns, README): it halved
-	// the requests slowed by the drain. The cost: CPU-heavy work still in
-	// flight runs up to GOMAXPROCS times slower, and may be cut at the
-	// drain's deadline. Close puts back the value it found, as a fixed
-	// setting (Go's automatic update of GOMAXPROCS stays off); a program
-	// that sets it meanwhile loses its setting.
-	MoveMaxProcs int
 }
 
 // Result describes the generation that took over after a successful upgrade.

@@ -37,10 +37,10 @@ const moveTimeout = 2 * time.Second
 // movesOut is a generation's end of the pair, made at its first upgrade.
 type movesOut struct {
 	conn      *net.UnixConn
-	gcPercent int // Options.MoveGCPercent
-	log       *slog.Logger
+	gcPercent int       // Options.MoveGCPercent
 	raise     sync.Once // at the first Move: this generation drains
 	restore   func()
+	log       *slog.Logger
 }
 
 func newMovesOut(tf *tableflip.Upgrader, opts Options, log *slog.Logger) (*movesOut, error) {

@@ -1340,10 +1340,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		old, new         int
 		hup, answer      int64 // unix ns
 		drainingAt, gone int64
-		oldCPU           time.Duration // from the SIGHUP to its exit
+		oldCPU           time.Duration // from the SIGHUP to its exiting line
 		drained          itest.Line
 		received         itest.Line
-		fds              *spFDs
 	}
 	ups := make([]upgrade, 0, upgrades)
 	live := p1
@@ -1365,9 +1364,6 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			b.Fatalf("no answer from a new PID 30s after SIGHUP")
 		}
 		u.new, u.answer = poll.pid, poll.at
-		// Listing /proc/PID/fd costs about 1 ms per 1000 descriptors: the
-		// samples start after the second whose latency is measured.
-		u.fds = spSampleFDs(b, u.new, u.hup+int64(time.Second))
 		s.WaitGone(u.old, 60*time.Second)
 		u.gone = time.Now().UnixNano()
 		if at := ev.first(spExit, u.old, u.hup); at != 0 {
@@ -1377,7 +1373,6 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		// channel) when the old generation exits: the new one logs their count
 		// once it has read them all.
 		u.received = s.Logs.Wait(b, mark, "connections moved from the previous generation", itest.PIDIs(u.new), 30*time.Second)
-		u.fds.stop()
 		var ok bool
 		if u.drained, _, ok = s.Logs.First(mark, "drained", itest.PIDIs(u.old)); !ok {
 			b.Fatalf("the old generation %d logged no drained line", u.old)
@@ -1482,8 +1477,8 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
 		fmt.Fprintf(&t, "  SIGHUP -> first answer from the new pid %.2f ms; -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
 			float64(u.answer-u.hup)/1e6, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
-		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exiting line %.1f ms; %s\n",
-			float64(dur)/1e6, moved, closedIdle, cut, float64(u.oldCPU)/1e6, u.fds.summary(u.drainingAt, int(moved)))
+		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exiting line %.1f ms\n",
+			float64(dur)/1e6, moved, closedIdle, cut, float64(u.oldCPU)/1e6)
 		fmt.Fprintf(&t, "  new generation: %d connections received %.1f ms after the old one's \"draining\"; peak RSS old %.1f MiB, new %.1f MiB\n",
 			recvCount, float64(spLogTime(u.received)-u.drainingAt)/1e6, float64(peaks[u.old])/1024, float64(peaks[u.new])/1024)
 	}
@@ -1500,17 +1495,13 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	const startup = 50 * time.Millisecond
 	var early, late, earlySlow, lateSlow int
 	for _, a := range afterAt {
-		switch {
-		case a.at < int64(startup) && a.ms > p99b:
-			earlySlow++
-			early++
-		case a.at < int64(startup):
-			early++
-		case a.ms > p99b:
-			lateSlow++
-			late++
-		default:
-			late++
+		n, slow := &late, &lateSlow
+		if a.at < int64(startup) {
+			n, slow = &early, &earlySlow
+		}
+		*n++
+		if a.ms > p99b {
+			*slow++
 		}
 	}
 	fmt.Fprintf(&t, "  of them in the first %v after a SIGHUP: %d of %d (%.1f%%); later in that second: %d of %d (%.2f%%)\n",
@@ -1616,65 +1607,6 @@ func (k *spConn) get() (pid int, closing bool, err error) {
 	}
 	pid, _ = strconv.Atoi(resp.Header.Get("Handoff-Pid"))
 	return pid, resp.Close, nil
-}
-
-// spFDs samples how many descriptors a process holds, every second from
-// the time from (unix ns), after a first count at once: a listing of
-// /proc/PID/fd costs about 1 ms of CPU per 1000 descriptors.
-type spFDs struct {
-	mu      sync.Mutex
-	samples [][2]int64 // unix ns, descriptors
-	stop    func()
-}
-
-func spSampleFDs(tb testing.TB, pid int, from int64) *spFDs {
-	f := &spFDs{}
-	sample := func() {
-		if d, err := os.Open(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
-			names, _ := d.Readdirnames(-1)
-			d.Close()
-			f.mu.Lock()
-			f.samples = append(f.samples, [2]int64{time.Now().UnixNano(), int64(len(names))})
-			f.mu.Unlock()
-		}
-	}
-	sample()
-	f.stop = itest.Every(tb, time.Second, func() {
-		if time.Now().UnixNano() >= from {
-			sample()
-		}
-	})
-	return f
-}
-
-// summary says when the process held half and then all of the moved
-// descriptors more than it held at the first sample, since from.
-func (f *spFDs) summary(from int64, moved int) string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if len(f.samples) == 0 || moved == 0 {
-		return "no descriptor samples of the new generation"
-	}
-	base := f.samples[0][1]
-	var peak int64
-	half, all := int64(-1), int64(-1)
-	for _, s := range f.samples {
-		peak = max(peak, s[1])
-		if half < 0 && s[1]-base >= int64(moved)/2 {
-			half = s[0]
-		}
-		if all < 0 && s[1]-base >= int64(moved)*99/100 {
-			all = s[0]
-		}
-	}
-	ms := func(t int64) string {
-		if t < 0 {
-			return "never"
-		}
-		return fmt.Sprintf("%.0f ms", float64(t-from)/1e6)
-	}
-	return fmt.Sprintf("the new generation's descriptors (%d at its first answer, then sampled every second after the measured one): +half of the moved at %s after \"draining\", +99%% at %s, peak %d",
-		base, ms(half), ms(all), peak)
 }
 
 // spCPUns is the CPU time of pid so far, ns: the sum of its threads'

@@ -79,9 +79,10 @@ type Server struct {
 	// MoveRate is how many idle connections per second DrainTo moves to the
 	// next generation, at most: each costs both processes some CPU (about
 	// 35 µs in the draining one and 25 in the next, by perf), and moving
-	// thousands at once delays the requests being served meanwhile. The drain moves faster when it must, to be done by half of
-	// its context's deadline. The next upgrade waits for the drain: 10,000
-	// idle connections at the default rate hold it for 10 s. Zero means
+	// thousands at once delays the requests being served meanwhile. The
+	// drain moves faster when it must, to be done by half of its context's
+	// deadline. The next upgrade waits for the drain: 10,000 idle
+	// connections at the default rate hold it for 10 s. Zero means
 	// DefaultMoveRate; a negative rate moves every idle connection at once.
 	MoveRate int
 	// Logger receives net/http's own error lines. Nil means none.

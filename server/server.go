@@ -476,7 +476,7 @@ func (s *Server) closeAll() int {
 func (s *Server) track(nc net.Conn) *conn {
 	c := &conn{Conn: nc, s: s}
 	switch nc.(type) {
-	case *net.TCPConn, *net.UnixConn:
+	case *net.TCPConn, *net.UnixConn, *moved.Conn:
 		c.movable = true
 	}
 	c.setState(http.StateNew)

@@ -26,14 +26,20 @@ func New(addr net.Addr) *Listener {
 // ErrClosed is returned by Add once the listener is closed.
 var ErrClosed = errors.New("moved-connections listener closed")
 
-// Add takes f, a connected socket, and hands it to Accept; f is closed (the
-// connection keeps its own descriptor). It blocks while Accept lags behind by
-// more than a few hundred connections.
+// Add takes f, a connected socket, and hands it to Accept as a *Conn (or, if
+// the runtime cannot poll f, as net.FileConn makes it, and closes f). It blocks
+// while Accept lags behind by more than a few hundred connections.
 func (m *Listener) Add(f *os.File) error {
-	nc, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		return err
+	var nc net.Conn
+	c, err := newConn(f)
+	if err == nil {
+		nc = c
+	} else {
+		nc, err = net.FileConn(f)
+		f.Close()
+		if err != nil {
+			return err
+		}
 	}
 	select {
 	case m.c <- nc:

@@ -1,0 +1,184 @@
+package moved
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// pair returns both ends of a connection on network ("tcp" or "unix"): the
+// accepted one as a *os.File on its own descriptor (as a move delivers it),
+// and the client's.
+func pair(t *testing.T, network string) (accepted *os.File, client net.Conn, addr net.Addr) {
+	t.Helper()
+	addrStr := "127.0.0.1:0"
+	if network == "unix" {
+		addrStr = filepath.Join(t.TempDir(), "s")
+	}
+	ln, err := net.Listen(network, addrStr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.Dial(network, ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	// A copy of the descriptor, as a move delivers it: the same open file,
+	// in the non-blocking mode the sending process's runtime set.
+	raw, err := sc.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nfd, derr := -1, error(nil)
+	raw.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+	if derr != nil {
+		t.Fatal(derr)
+	}
+	return os.NewFile(uintptr(nfd), "moved"), client, sc.LocalAddr()
+}
+
+// through adds f to a Listener and accepts it.
+func through(t *testing.T, f *os.File) net.Conn {
+	t.Helper()
+	ln := New(&net.TCPAddr{})
+	t.Cleanup(func() { ln.Close() })
+	if err := ln.Add(f); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	return nc
+}
+
+func TestConnKeepsTheSocketOptions(t *testing.T) {
+	f, client, _ := pair(t, "tcp")
+	// An option net.FileConn would set again (to 15 s), and with it a
+	// keepalive probe at once on a socket idle for longer than that.
+	if err := unix.SetsockoptInt(int(f.Fd()), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 77); err != nil {
+		t.Fatal(err)
+	}
+	nc := through(t, f)
+	c, ok := nc.(*Conn)
+	if !ok {
+		t.Fatalf("accepted %T, want *moved.Conn", nc)
+	}
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var idle int
+	var gerr error
+	raw.Control(func(fd uintptr) { idle, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE) })
+	if gerr != nil || idle != 77 {
+		t.Errorf("TCP_KEEPIDLE %d (%v) after the move, want the 77 it had", idle, gerr)
+	}
+	if c.LocalAddr().String() != client.RemoteAddr().String() || c.RemoteAddr().String() != client.LocalAddr().String() {
+		t.Errorf("addresses %v <- %v, want %v <- %v", c.LocalAddr(), c.RemoteAddr(), client.RemoteAddr(), client.LocalAddr())
+	}
+}
+
+func TestConnBehavesLikeANetConn(t *testing.T) {
+	for _, network := range []string{"tcp", "unix"} {
+		t.Run(network, func(t *testing.T) {
+			f, client, addr := pair(t, network)
+			c := through(t, f)
+			if _, ok := c.(*Conn); !ok {
+				t.Fatalf("accepted %T, want *moved.Conn", c)
+			}
+			if c.LocalAddr().Network() != addr.Network() || c.LocalAddr().String() != addr.String() {
+				t.Errorf("local address %s %q, want %s %q", c.LocalAddr().Network(), c.LocalAddr(), addr.Network(), addr)
+			}
+			if c.RemoteAddr() == nil {
+				t.Fatal("no remote address")
+			}
+
+			// A deadline: a timeout, which net/http takes for one.
+			c.SetReadDeadline(time.Now().Add(-time.Second))
+			_, err := c.Read(make([]byte, 1))
+			var ne net.Error
+			var oe *net.OpError
+			if !errors.As(err, &ne) || !ne.Timeout() || !errors.As(err, &oe) || oe.Op != "read" {
+				t.Fatalf("read past the deadline: %v (%T), want a *net.OpError read timeout", err, err)
+			}
+			c.SetReadDeadline(time.Time{})
+
+			// Both ways, and a half close.
+			if _, err := client.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			b := make([]byte, 4)
+			if _, err := io.ReadFull(c, b); err != nil || string(b) != "ping" {
+				t.Fatalf("read %q, %v", b, err)
+			}
+			if _, err := c.Write([]byte("pong")); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			client.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if got, err := io.ReadAll(client); err != nil || string(got) != "pong" {
+				t.Fatalf("client read %q, %v; want pong then EOF", got, err)
+			}
+			if _, err := client.Write([]byte("still")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, make([]byte, len("still"))); err != nil {
+				t.Fatalf("read after CloseWrite: %v", err)
+			}
+
+			// The peer's close is io.EOF, itself.
+			client.Close()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.ReadFull(c, make([]byte, 1)); err != io.EOF && err != io.ErrUnexpectedEOF {
+				t.Errorf("read after the peer closed: %v, want io.EOF", err)
+			}
+
+			// Closed: net.ErrClosed, as net.Conn says.
+			if err := c.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Read(b); !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) {
+				t.Errorf("read after Close: %v, want a *net.OpError with net.ErrClosed", err)
+			}
+		})
+	}
+}
+
+// A descriptor the runtime cannot poll (blocking) is served as net.FileConn
+// makes it, with working deadlines.
+func TestAddTakesABlockingDescriptorThroughFileConn(t *testing.T) {
+	f, _, _ := pair(t, "tcp")
+	if err := unix.SetNonblock(int(f.Fd()), false); err != nil {
+		t.Fatal(err)
+	}
+	blocking := os.NewFile(f.Fd(), "blocking")
+	c := through(t, blocking)
+	if _, ok := c.(*net.TCPConn); !ok {
+		t.Fatalf("accepted %T, want *net.TCPConn", c)
+	}
+	c.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("read past the deadline: %v", err)
+	}
+	if _, err := blocking.Stat(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("the file given to Add is still open (%v): FileConn has its own copy", err)
+	}
+}

@@ -1475,7 +1475,6 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			slow = append(slow, fmt.Sprintf("%.2f ms at +%.1f ms by %s", float64(smp.LatencyUS)/1000, float64(smp.Start-u.hup)/1e6, who))
 		}
 		fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
-		fmt.Fprintf(&t, "  XHUP %d\n", u.hup)
 		fmt.Fprintf(&t, "  SIGHUP -> first answer from the new pid %.2f ms; -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
 			float64(u.answer-u.hup)/1e6, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
 		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exiting line %.1f ms\n",

@@ -6,6 +6,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -181,4 +183,106 @@ func TestAddTakesABlockingDescriptorThroughFileConn(t *testing.T) {
 	if _, err := blocking.Stat(); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("the file given to Add is still open (%v): FileConn has its own copy", err)
 	}
+}
+
+// BenchmarkAdd is the new generation's cost of taking one moved connection,
+// from the descriptor received to the net.Conn accepted: Add and Accept (a
+// *Conn) against net.FileConn, which this package used before. Closing is
+// not counted.
+func BenchmarkAdd(b *testing.B) {
+	const batch = 200
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	// batch received descriptors, as os.Files, with their clients.
+	prepare := func() (fs []*os.File, closers []io.Closer) {
+		for range batch {
+			client, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				b.Fatal(err)
+			}
+			sc, err := ln.Accept()
+			if err != nil {
+				b.Fatal(err)
+			}
+			raw, _ := sc.(syscall.Conn).SyscallConn()
+			nfd := -1
+			raw.Control(func(fd uintptr) { nfd, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+			if err != nil {
+				b.Fatal(err)
+			}
+			fs = append(fs, os.NewFile(uintptr(nfd), "moved"))
+			closers = append(closers, client, sc)
+		}
+		return fs, closers
+	}
+	for _, bc := range []struct {
+		name string
+		take func(*os.File) net.Conn
+	}{
+		{"Conn", func(f *os.File) net.Conn {
+			ml := New(&net.TCPAddr{})
+			if err := ml.Add(f); err != nil {
+				b.Fatal(err)
+			}
+			nc, err := ml.Accept()
+			if err != nil {
+				b.Fatal(err)
+			}
+			return nc
+		}},
+		{"FileConn", func(f *os.File) net.Conn {
+			nc, err := net.FileConn(f)
+			f.Close()
+			if err != nil {
+				b.Fatal(err)
+			}
+			return nc
+		}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.StopTimer()
+			for done := 0; done < b.N; {
+				fs, closers := prepare()
+				n := min(batch, b.N-done)
+				conns := make([]net.Conn, 0, n)
+				b.StartTimer()
+				for _, f := range fs[:n] {
+					conns = append(conns, bc.take(f))
+				}
+				b.StopTimer()
+				for _, c := range conns {
+					c.Close()
+				}
+				for _, f := range fs[n:] {
+					f.Close()
+				}
+				for _, c := range closers {
+					c.Close()
+				}
+				done += n
+			}
+			b.ReportMetric(float64(peakRSSKiB(b))/1024, "peak-rss-MiB")
+		})
+	}
+}
+
+// peakRSSKiB is this process's peak RSS so far (VmHWM).
+func peakRSSKiB(b *testing.B) int64 {
+	st, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Skip("no /proc")
+	}
+	for line := range strings.SplitSeq(string(st), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n
+			}
+		}
+	}
+	return 0
 }

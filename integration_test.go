@@ -117,7 +117,6 @@ func TestSlowRequestSurvivesUpgrade(t *testing.T) {
 		t.Errorf("old pid %d exited while its 2s request was still in flight", oldPID)
 	}
 	s.Logs.Wait(t, mark, "draining", func(l itest.Line) bool { return l.PID() == oldPID && l.Str("reason") == "upgrade" }, 10*time.Second)
-	checkDrainNice(t, s, mark, oldPID, newPID)
 	// Once the old generation drains, it no longer accepts: new requests
 	// on new connections are all answered by the new one.
 	streak := 0
@@ -153,36 +152,6 @@ func TestSlowRequestSurvivesUpgrade(t *testing.T) {
 	}
 	s.WaitGone(oldPID, 15*time.Second)
 	s.CheckOneProcess(t, newPID)
-}
-
-// checkDrainNice checks that the draining generation oldPID, once it logged
-// "draining", runs every thread at --drain-nice's default of 10 above this
-// test's own nice value, and the new one newPID at the test's: the drain gives
-// way to the new generation on a busy machine.
-func checkDrainNice(t *testing.T, s *itest.Server, mark, oldPID, newPID int) {
-	t.Helper()
-	own, err := itest.ThreadNices(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := own[os.Getpid()]
-	want := min(base+10, 19)
-	l := s.Logs.Wait(t, mark, "lowered the CPU priority of the draining generation", itest.PIDIs(oldPID), 10*time.Second)
-	if n, _ := l.Num("nice"); n != int64(want) {
-		t.Errorf("old generation logged nice %d, want %d: %s", n, want, l.Raw)
-	}
-	for pid, want := range map[int]int{oldPID: want, newPID: base} {
-		nices, err := itest.ThreadNices(pid)
-		if err != nil {
-			t.Fatalf("threads of pid %d: %v", pid, err)
-		}
-		for tid, n := range nices {
-			if n != want {
-				t.Errorf("pid %d thread %d runs at nice %d, want %d (%d threads: %v)", pid, tid, n, want, len(nices), nices)
-				break
-			}
-		}
-	}
 }
 
 // c. Broken new binaries, one at a time, under load: each upgrade fails
@@ -624,7 +593,6 @@ func TestCLI(t *testing.T) {
 		{name: "unknown serve flag", bin: "handoff-v1", args: []string{"serve", "--no-such-flag"}, code: 2, stderrHas: "no-such-flag"},
 		{name: "bad duration", bin: "handoff-v1", args: []string{"serve", "--drain-timeout", "banana"}, code: 2, stderrHas: "banana"},
 		{name: "negative move rate", bin: "handoff-v1", args: []string{"serve", "--move-rate", "-5"}, code: 2, stderrHas: "--move-rate"},
-		{name: "negative drain nice", bin: "handoff-v1", args: []string{"serve", "--drain-nice", "-1"}, code: 2, stderrHas: "--drain-nice"},
 		{name: "negative move gc percent", bin: "handoff-v1", args: []string{"serve", "--move-gc-percent", "-1"}, code: 2, stderrHas: "--move-gc-percent"},
 		{name: "unknown command", bin: "handoff-v1", args: []string{"frobnicate"}, code: 2, stderrHas: "frobnicate"},
 		{name: "unknown load flag", bin: "handoff-v1", args: []string{"load", "--no-such-flag"}, code: 2, stderrHas: "no-such-flag"},

@@ -38,7 +38,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 	tlsKey := fs.String("tls-key", "", "the key of --tls-cert (PEM)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics at /metrics on this address, handed over like --listen")
 	moveRate := fs.Int("move-rate", server.DefaultMoveRate, "idle keep-alive connections moved to the new generation per second at a handoff (0: all at once)")
-	drainNice := fs.Int("drain-nice", 10, "once a new generation has taken over, the old one lowers its CPU priority by this much (nice, at most 19), so that on a busy machine its drain gives way to the new one's requests (0: leave it)")
 	moveGC := fs.Int("move-gc-percent", defaultMoveGC(), "garbage collector percent while idle connections move, in both generations, if above GOGC (0: leave the collector alone; the default is 0 when GOGC is set)")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
@@ -51,9 +50,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 	}
 	if *moveRate < 0 {
 		return fail(stderr, exitUsage, "handoff serve: --move-rate must be 0 (all at once) or positive")
-	}
-	if *drainNice < 0 || *drainNice > 39 {
-		return fail(stderr, exitUsage, "handoff serve: --drain-nice must be 0 (leave the priority alone) to 39")
 	}
 	if *moveGC < 0 {
 		return fail(stderr, exitUsage, "handoff serve: --move-gc-percent must be 0 (leave the collector alone) or positive")
@@ -115,7 +111,6 @@ func serveCmd(args []string, stderr io.Writer) int {
 		StopAccepting:  srv.StopAccepting,
 		HandleSignals:  true,
 		MoveGCPercent:  *moveGC,
-		DrainNice:      *drainNice,
 	}
 	if *preflight {
 		opts.Preflight = append(append([]string{"serve"}, args...), "--check")

@@ -195,14 +195,6 @@ func (u *Upgrader) settle(o outcome) bool {
 	u.mu.Unlock()
 	u.log.Info("upgrade succeeded", "new_pid", o.res.PID, "new_version", o.res.Version,
 		"new_generation", o.res.Generation, "duration", o.res.Duration)
-	if u.opts.DrainNice > 0 {
-		nice, threads, err := lowerPriority(u.opts.DrainNice)
-		if err != nil {
-			u.log.Warn("cannot lower the CPU priority of the draining generation", "error", err)
-		} else {
-			u.log.Info("lowered the CPU priority of the draining generation", "nice", nice, "threads", threads)
-		}
-	}
 	return true
 }
 

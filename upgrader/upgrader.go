@@ -104,16 +104,6 @@ type Options struct {
 	// where memory is tight. The percent is put back to what it was when the
 	// moves began: a program that sets it itself meanwhile loses its setting.
 	MoveGCPercent int
-	// DrainNice, if positive, is added to this process's nice value (at most
-	// 19, for each of its threads) once a new generation has taken over,
-	// before Done is closed: what this generation still does then (finishing
-	// its requests, moving its idle connections) gives way on a busy machine
-	// to the new generation, which serves every new request. An unprivileged
-	// process cannot raise its priority again, and a generation that handed
-	// off never serves new connections, so it is for good; a request still
-	// running here gets less of the CPU only when the CPU is short. Zero
-	// leaves the priority alone.
-	DrainNice int
 }
 
 // Result describes the generation that took over after a successful upgrade.

@@ -347,31 +347,3 @@ func ReadPID(tb testing.TB, path string) int {
 	}
 	return p
 }
-
-// ThreadNices returns the nice value of each thread of pid (field 19 of
-// /proc/PID/task/TID/stat), by thread ID.
-func ThreadNices(pid int) (map[int]int, error) {
-	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	if err != nil {
-		return nil, err
-	}
-	nices := map[int]int{}
-	for _, t := range tasks {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, t.Name()))
-		if err != nil {
-			continue // the thread exited meanwhile
-		}
-		// The command name may hold spaces and parentheses: the fields
-		// start after its last ')', with the state (field 3).
-		i := strings.LastIndexByte(string(b), ')')
-		f := strings.Fields(string(b)[i+1:])
-		if i < 0 || len(f) < 17 {
-			return nil, fmt.Errorf("/proc/%d/task/%s/stat: %q", pid, t.Name(), b)
-		}
-		tid, _ := strconv.Atoi(t.Name())
-		if nices[tid], err = strconv.Atoi(f[16]); err != nil {
-			return nil, fmt.Errorf("/proc/%d/task/%s/stat: nice %q", pid, t.Name(), f[16])
-		}
-	}
-	return nices, nil
-}

@@ -74,6 +74,9 @@ func (c *conn) isHTTP2() bool {
 
 // NetConn returns the connection accepted from the listener, as *tls.Conn and
 // other wrappers do, for libraries that reach for it (hijacked connections).
+// For a connection moved in from the previous generation (see DrainTo) it is
+// not a *net.TCPConn but a net.Conn on the descriptor received, with the
+// socket options the connection was accepted with.
 func (c *conn) NetConn() net.Conn { return c.Conn }
 
 // SyscallConn gives the descriptor, as *net.TCPConn does.

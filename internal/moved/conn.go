@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -23,6 +25,7 @@ type Conn struct {
 	f            *os.File
 	network      string // "tcp" or "unix", for errors
 	laddr, raddr net.Addr
+	closed       atomic.Bool // Close was called: what fails from then on fails for that
 }
 
 // newConn makes f, a connected stream socket in non-blocking mode, a Conn. It
@@ -38,14 +41,20 @@ func newConn(f *os.File) (*Conn, error) {
 	}
 	var lsa, rsa unix.Sockaddr
 	var lerr, rerr error
+	var typ int
+	var terr error
 	if err := raw.Control(func(fd uintptr) {
+		typ, terr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TYPE)
 		lsa, lerr = unix.Getsockname(int(fd))
 		rsa, rerr = unix.Getpeername(int(fd))
 	}); err != nil {
 		return nil, err
 	}
-	if err := errors.Join(lerr, rerr); err != nil {
+	if err := errors.Join(terr, lerr, rerr); err != nil {
 		return nil, err
+	}
+	if typ != unix.SOCK_STREAM {
+		return nil, syscall.EPROTOTYPE
 	}
 	c := &Conn{f: f, laddr: sockaddr(lsa), raddr: sockaddr(rsa)}
 	switch c.laddr.(type) {
@@ -72,7 +81,8 @@ func sockaddr(sa unix.Sockaddr) net.Addr {
 		return &net.TCPAddr{IP: append(net.IP(nil), sa.Addr[:]...), Port: sa.Port}
 	case *unix.SockaddrInet6:
 		a := &net.TCPAddr{IP: append(net.IP(nil), sa.Addr[:]...), Port: sa.Port}
-		if sa.ZoneId != 0 {
+		if sa.ZoneId != 0 { // a link-local peer: named as package net names it
+			a.Zone = strconv.Itoa(int(sa.ZoneId))
 			if ifi, err := net.InterfaceByIndex(int(sa.ZoneId)); err == nil {
 				a.Zone = ifi.Name
 			}
@@ -84,7 +94,9 @@ func sockaddr(sa unix.Sockaddr) net.Addr {
 	return nil
 }
 
-// opError gives err, from the file's method op, the form a net.Conn gives it.
+// opError gives err, from the file's method op, the form a net.Conn gives it:
+// a system call's error in an *os.SyscallError, net.ErrClosed once closed
+// (os.File says "file already closed", or for deadlines "use of closed file").
 func (c *Conn) opError(op string, err error) error {
 	if err == nil || err == io.EOF {
 		return err
@@ -92,8 +104,11 @@ func (c *Conn) opError(op string, err error) error {
 	var pe *os.PathError
 	if errors.As(err, &pe) {
 		err = pe.Err
+		if errno, ok := err.(syscall.Errno); ok {
+			err = os.NewSyscallError(pe.Op, errno)
+		}
 	}
-	if errors.Is(err, os.ErrClosed) {
+	if c.closed.Load() || errors.Is(err, os.ErrClosed) {
 		err = net.ErrClosed
 	}
 	return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
@@ -110,7 +125,16 @@ func (c *Conn) Write(b []byte) (int, error) {
 }
 
 // Close closes the descriptor.
-func (c *Conn) Close() error { return c.opError("close", c.f.Close()) }
+func (c *Conn) Close() error {
+	if c.closed.Swap(true) {
+		return c.opError("close", os.ErrClosed)
+	}
+	err := c.f.Close()
+	if err != nil {
+		return &net.OpError{Op: "close", Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
+	}
+	return nil
+}
 
 // CloseWrite shuts down the writing side, as *net.TCPConn's does.
 func (c *Conn) CloseWrite() error {
@@ -131,5 +155,85 @@ func (c *Conn) SetDeadline(t time.Time) error      { return c.opError("set", c.f
 func (c *Conn) SetReadDeadline(t time.Time) error  { return c.opError("set", c.f.SetReadDeadline(t)) }
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.opError("set", c.f.SetWriteDeadline(t)) }
 
-// SyscallConn gives the descriptor, as *net.TCPConn's does.
+// ReadFrom sends a file with sendfile(2), as *net.TCPConn's does for
+// net/http's file responses (r an *os.File, or one in an *io.LimitedReader);
+// anything else, or a file sendfile cannot send, is copied.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	remain := int64(1<<63 - 1)
+	lr, limited := r.(*io.LimitedReader)
+	if limited {
+		remain, r = lr.N, lr.R
+		if remain <= 0 {
+			return 0, nil
+		}
+	}
+	written, sent, err := c.sendFile(r, remain)
+	if limited {
+		lr.N -= written
+	}
+	if sent || written > 0 {
+		return written, c.opError("readfrom", err)
+	}
+	if limited {
+		r = lr
+	}
+	n, err := io.Copy(writerOnly{c}, r)
+	return written + n, err
+}
+
+// writerOnly hides Conn's ReadFrom from io.Copy.
+type writerOnly struct{ io.Writer }
+
+// sendFile sends up to remain bytes of r from its offset, if r is a file; sent
+// is false when nothing was sent because sendfile cannot (then r is intact).
+func (c *Conn) sendFile(r io.Reader, remain int64) (written int64, sent bool, err error) {
+	f, ok := r.(*os.File)
+	if !ok {
+		return 0, false, nil
+	}
+	src, err := f.SyscallConn()
+	if err != nil {
+		return 0, false, nil
+	}
+	dst, err := c.f.SyscallConn()
+	if err != nil {
+		return 0, false, err
+	}
+	var serr error
+	cerr := src.Control(func(sfd uintptr) {
+		err = dst.Write(func(dfd uintptr) bool {
+			for remain > 0 {
+				n, err := unix.Sendfile(int(dfd), int(sfd), nil, int(min(remain, 1<<30)))
+				if n > 0 {
+					written += int64(n)
+					remain -= int64(n)
+				}
+				switch {
+				case err == unix.EINTR:
+					continue
+				case err == unix.EAGAIN:
+					return false // wait until the socket takes more (or the write deadline)
+				case err != nil:
+					serr = err
+					return true
+				case n == 0:
+					return true // the end of the file
+				}
+			}
+			return true
+		})
+	})
+	switch {
+	case cerr != nil:
+		return written, written > 0, cerr
+	case err != nil:
+		return written, true, err
+	case written == 0 && (serr == unix.EINVAL || serr == unix.ENOSYS):
+		return 0, false, nil // not a file sendfile takes: copy it
+	}
+	return written, true, serr
+}
+
+// SyscallConn gives the descriptor, as *net.TCPConn's does; its methods fail
+// with os.File's errors once the connection is closed.
 func (c *Conn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }

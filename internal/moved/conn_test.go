@@ -1,6 +1,7 @@
 package moved
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -160,7 +161,30 @@ func TestConnBehavesLikeANetConn(t *testing.T) {
 			if _, err := c.Read(b); !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) {
 				t.Errorf("read after Close: %v, want a *net.OpError with net.ErrClosed", err)
 			}
+			for what, err := range map[string]error{
+				"SetReadDeadline": c.SetReadDeadline(time.Now()),
+				"CloseWrite":      c.(interface{ CloseWrite() error }).CloseWrite(),
+				"Close":           c.Close(),
+			} {
+				if !errors.Is(err, net.ErrClosed) {
+					t.Errorf("%s after Close: %v, want net.ErrClosed", what, err)
+				}
+			}
 		})
+	}
+}
+
+// A reset is a system call's error, as package net gives it.
+func TestConnResetIsASyscallError(t *testing.T) {
+	f, client, _ := pair(t, "tcp")
+	c := through(t, f)
+	client.(*net.TCPConn).SetLinger(0)
+	client.Close() // RST
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := c.Read(make([]byte, 1))
+	var se *os.SyscallError
+	if !errors.Is(err, syscall.ECONNRESET) || !errors.As(err, &se) {
+		t.Errorf("read after a reset: %v (%T), want ECONNRESET in an *os.SyscallError", err, err)
 	}
 }
 
@@ -168,10 +192,15 @@ func TestConnBehavesLikeANetConn(t *testing.T) {
 // makes it, with working deadlines.
 func TestAddTakesABlockingDescriptorThroughFileConn(t *testing.T) {
 	f, _, _ := pair(t, "tcp")
-	if err := unix.SetNonblock(int(f.Fd()), false); err != nil {
+	nfd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
 		t.Fatal(err)
 	}
-	blocking := os.NewFile(f.Fd(), "blocking")
+	f.Close()
+	if err := unix.SetNonblock(nfd, false); err != nil {
+		t.Fatal(err)
+	}
+	blocking := os.NewFile(uintptr(nfd), "blocking")
 	c := through(t, blocking)
 	if _, ok := c.(*net.TCPConn); !ok {
 		t.Fatalf("accepted %T, want *net.TCPConn", c)
@@ -285,4 +314,78 @@ func peakRSSKiB(b *testing.B) int64 {
 		}
 	}
 	return 0
+}
+
+// ReadFrom sends files (whole, or within an io.LimitedReader) and copies
+// anything else, leaving the reader where a copy would.
+func TestConnReadFrom(t *testing.T) {
+	data := make([]byte, 3<<20) // more than a socket buffer: sendfile waits for the client
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	path := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	go func() {
+		pw.Write(data[:5000])
+		pw.Close()
+	}()
+	for _, tc := range []struct {
+		name string
+		src  func(t *testing.T) io.Reader
+		want []byte
+	}{
+		{"file", func(t *testing.T) io.Reader { return open(t, path, 0) }, data},
+		{"file from its offset", func(t *testing.T) io.Reader { return open(t, path, 1000) }, data[1000:]},
+		{"limited file", func(t *testing.T) io.Reader { return &io.LimitedReader{R: open(t, path, 10), N: 70000} }, data[10:70010]},
+		{"pipe", func(t *testing.T) io.Reader { return pr }, data[:5000]},
+		{"not a file", func(t *testing.T) io.Reader { return bytes.NewReader(data[:100]) }, data[:100]},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, client, _ := pair(t, "tcp")
+			c := through(t, f).(*Conn)
+			src := tc.src(t)
+			got := make(chan []byte, 1)
+			go func() {
+				client.SetReadDeadline(time.Now().Add(20 * time.Second))
+				b, _ := io.ReadAll(client)
+				got <- b
+			}()
+			n, err := c.ReadFrom(src)
+			if err != nil || n != int64(len(tc.want)) {
+				t.Errorf("ReadFrom: %d, %v; want %d", n, err, len(tc.want))
+			}
+			c.Close()
+			if b := <-got; !bytes.Equal(b, tc.want) {
+				t.Errorf("the client got %d bytes, not the %d sent", len(b), len(tc.want))
+			}
+			if lr, ok := src.(*io.LimitedReader); ok && lr.N != 0 {
+				t.Errorf("limited reader left at N=%d, want 0", lr.N)
+			}
+			if of, ok := src.(*os.File); ok && of != pr {
+				if at, _ := of.Seek(0, io.SeekCurrent); at != int64(len(data)) {
+					t.Errorf("file offset %d after ReadFrom, want its end %d", at, len(data))
+				}
+			}
+		})
+	}
+}
+
+func open(t *testing.T, path string, at int64) *os.File {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if _, err := f.Seek(at, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }

@@ -78,7 +78,7 @@ type Server struct {
 	AfterCut time.Duration
 	// MoveRate is how many idle connections per second DrainTo moves to the
 	// next generation, at most: each costs both processes some CPU (about
-	// 35 µs in the draining one and 20-25 in the next), and moving
+	// 35 µs in the draining one and about 20 in the next), and moving
 	// thousands at once delays the requests being served meanwhile. The
 	// drain moves faster when it must, to be done by half of its context's
 	// deadline. The next upgrade waits for the drain: 10,000 idle

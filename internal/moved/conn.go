@@ -29,8 +29,9 @@ type Conn struct {
 }
 
 // newConn makes f, a connected stream socket in non-blocking mode, a Conn. It
-// fails, leaving f open, when f is not a socket, or the runtime's poller cannot
-// wait on it (then its deadlines would not work).
+// fails, leaving f open, when the runtime's poller cannot wait on f (then its
+// deadlines would not work), or f is not a connected TCP or Unix stream socket
+// (a peer that reset meanwhile is no longer connected).
 func newConn(f *os.File) (*Conn, error) {
 	if err := f.SetReadDeadline(time.Time{}); err != nil {
 		return nil, err // not pollable (os.ErrNoDeadline)
@@ -39,21 +40,23 @@ func newConn(f *os.File) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	var lsa, rsa unix.Sockaddr
+	// package syscall's Getsockname and Getpeername, not x/sys's, which add
+	// a getsockopt each.
+	var lsa, rsa syscall.Sockaddr
 	var lerr, rerr error
 	var typ int
 	var terr error
 	if err := raw.Control(func(fd uintptr) {
-		typ, terr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TYPE)
-		lsa, lerr = unix.Getsockname(int(fd))
-		rsa, rerr = unix.Getpeername(int(fd))
+		typ, terr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_TYPE)
+		lsa, lerr = syscall.Getsockname(int(fd))
+		rsa, rerr = syscall.Getpeername(int(fd))
 	}); err != nil {
 		return nil, err
 	}
 	if err := errors.Join(terr, lerr, rerr); err != nil {
 		return nil, err
 	}
-	if typ != unix.SOCK_STREAM {
+	if typ != syscall.SOCK_STREAM {
 		return nil, syscall.EPROTOTYPE
 	}
 	c := &Conn{f: f, laddr: sockaddr(lsa), raddr: sockaddr(rsa)}
@@ -75,11 +78,11 @@ func newConn(f *os.File) (*Conn, error) {
 }
 
 // sockaddr is sa as a net.Addr; nil when it is neither TCP nor Unix.
-func sockaddr(sa unix.Sockaddr) net.Addr {
+func sockaddr(sa syscall.Sockaddr) net.Addr {
 	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
+	case *syscall.SockaddrInet4:
 		return &net.TCPAddr{IP: append(net.IP(nil), sa.Addr[:]...), Port: sa.Port}
-	case *unix.SockaddrInet6:
+	case *syscall.SockaddrInet6:
 		a := &net.TCPAddr{IP: append(net.IP(nil), sa.Addr[:]...), Port: sa.Port}
 		if sa.ZoneId != 0 { // a link-local peer: named as package net names it
 			a.Zone = strconv.Itoa(int(sa.ZoneId))
@@ -88,7 +91,7 @@ func sockaddr(sa unix.Sockaddr) net.Addr {
 			}
 		}
 		return a
-	case *unix.SockaddrUnix:
+	case *syscall.SockaddrUnix:
 		return &net.UnixAddr{Name: sa.Name, Net: "unix"}
 	}
 	return nil
@@ -114,11 +117,13 @@ func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
 }
 
+// Read reads from the connection, as net.Conn's Read does.
 func (c *Conn) Read(b []byte) (int, error) {
 	n, err := c.f.Read(b)
 	return n, c.opError("read", err)
 }
 
+// Write writes to the connection, as net.Conn's Write does.
 func (c *Conn) Write(b []byte) (int, error) {
 	n, err := c.f.Write(b)
 	return n, c.opError("write", err)
@@ -149,10 +154,19 @@ func (c *Conn) CloseWrite() error {
 	return c.opError("close", serr)
 }
 
-func (c *Conn) LocalAddr() net.Addr                { return c.laddr }
-func (c *Conn) RemoteAddr() net.Addr               { return c.raddr }
-func (c *Conn) SetDeadline(t time.Time) error      { return c.opError("set", c.f.SetDeadline(t)) }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.opError("set", c.f.SetReadDeadline(t)) }
+// LocalAddr is the address the connection was accepted on.
+func (c *Conn) LocalAddr() net.Addr { return c.laddr }
+
+// RemoteAddr is the client's address.
+func (c *Conn) RemoteAddr() net.Addr { return c.raddr }
+
+// SetDeadline sets the read and write deadlines, as net.Conn's does.
+func (c *Conn) SetDeadline(t time.Time) error { return c.opError("set", c.f.SetDeadline(t)) }
+
+// SetReadDeadline sets the read deadline, as net.Conn's does.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.opError("set", c.f.SetReadDeadline(t)) }
+
+// SetWriteDeadline sets the write deadline, as net.Conn's does.
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.opError("set", c.f.SetWriteDeadline(t)) }
 
 // ReadFrom sends a file with sendfile(2), as *net.TCPConn's does for
@@ -178,6 +192,9 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		r = lr
 	}
 	n, err := io.Copy(writerOnly{c}, r)
+	if err != nil { // as package net wraps what its copy returns
+		err = &net.OpError{Op: "readfrom", Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
+	}
 	return written + n, err
 }
 
@@ -214,7 +231,7 @@ func (c *Conn) sendFile(r io.Reader, remain int64) (written int64, sent bool, er
 				case err == unix.EAGAIN:
 					return false // wait until the socket takes more (or the write deadline)
 				case err != nil:
-					serr = err
+					serr = os.NewSyscallError("sendfile", err)
 					return true
 				case n == 0:
 					return true // the end of the file
@@ -228,7 +245,7 @@ func (c *Conn) sendFile(r io.Reader, remain int64) (written int64, sent bool, er
 		return written, written > 0, cerr
 	case err != nil:
 		return written, true, err
-	case written == 0 && (serr == unix.EINVAL || serr == unix.ENOSYS):
+	case written == 0 && (errors.Is(serr, unix.EINVAL) || errors.Is(serr, unix.ENOSYS)):
 		return 0, false, nil // not a file sendfile takes: copy it
 	}
 	return written, true, serr

@@ -27,9 +27,17 @@ func New(addr net.Addr) *Listener {
 var ErrClosed = errors.New("moved-connections listener closed")
 
 // Add takes f, a connected socket, and hands it to Accept as a *Conn (or, if
-// the runtime cannot poll f, as net.FileConn makes it, and closes f). It blocks
-// while Accept lags behind by more than a few hundred connections.
+// the runtime cannot poll f, as net.FileConn makes it, and closes f); f is
+// the connection's, or closed, whatever Add returns. Once Close has returned
+// it fails with ErrClosed. It blocks while Accept lags behind by more than a
+// few hundred connections.
 func (m *Listener) Add(f *os.File) error {
+	select {
+	case <-m.done: // closed: refuse for certain, not as one of two ready cases
+		f.Close()
+		return ErrClosed
+	default:
+	}
 	var nc net.Conn
 	c, err := newConn(f)
 	if err == nil {

@@ -1,10 +1,13 @@
 package itest_test
 
 import (
+	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -105,5 +108,63 @@ func TestBinary(t *testing.T) {
 	r := itest.Run(t, 30*time.Second, itest.Binary(t, "handoff-v3"), "version")
 	if r.Code != 0 || strings.TrimSpace(r.Stdout) != "v3" {
 		t.Errorf("handoff-v3 version: %v", r)
+	}
+}
+
+// A test process that dies without its cleanup (a -timeout panic, a kill)
+// leaves nothing of a group it started: not the leader, which Pdeathsig
+// stops, nor a process the leader started and left behind, as an upgraded
+// generation is.
+func TestGroupDiesWithTheTest(t *testing.T) {
+	if os.Getenv("ITEST_GUARD_HELPER") == "1" {
+		// The test process to kill: it starts a group whose leader has a
+		// child, reports that child's PID, and waits to be killed.
+		p := itest.Start(t, "/bin/sh", "-c", `sleep 120 & echo "{\"msg\":\"child\",\"child\":$!}"; wait`)
+		l := p.WaitLog(t, 0, "child", nil, 10*time.Second)
+		n, _ := l.Num("child")
+		fmt.Printf("CHILD %d\n", n)
+		time.Sleep(60 * time.Second) // killed long before
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestGroupDiesWithTheTest$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "ITEST_GUARD_HELPER=1")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer cmd.Process.Kill()
+	child := make(chan int, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var n int
+			if _, err := fmt.Sscanf(sc.Text(), "CHILD %d", &n); err == nil {
+				child <- n
+			}
+		}
+		close(child)
+	}()
+	var pid int
+	select {
+	case n, ok := <-child:
+		if !ok {
+			t.Fatal("the helper test process ended without reporting its group's child")
+		}
+		pid = n
+	case <-time.After(30 * time.Second):
+		t.Fatal("no report from the helper test process in 30s")
+	}
+	if !itest.Alive(pid) {
+		t.Fatalf("precondition: the group's child %d is not running", pid)
+	}
+	cmd.Process.Kill() // no cleanup runs
+	if !itest.Poll(10*time.Second, func() bool { return !itest.Alive(pid) }) {
+		syscall.Kill(pid, syscall.SIGKILL)
+		t.Fatalf("the group's child %d outlived the killed test process by 10s", pid)
 	}
 }

@@ -3,6 +3,7 @@ package itest
 import (
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,9 +18,10 @@ type Proc struct {
 	PID  int // its PID, which is also its process group ID
 	Logs *Logs
 
-	tb     testing.TB
-	exited chan struct{}
-	kill   sync.Once
+	tb      testing.TB
+	exited  chan struct{}
+	kill    sync.Once
+	release func() // ends the group's guard (see guard)
 }
 
 // TailLines is how many lines of output a failed test's cleanup dumps.
@@ -77,6 +79,7 @@ func StartCmd(tb testing.TB, cmd *exec.Cmd) *Proc {
 		tb.Fatalf("start %v: %v", cmd.Args, err)
 	}
 	p.PID = cmd.Process.Pid
+	p.release = guard(tb, p.PID)
 	go p.Logs.Consume(rOut, "stdout")
 	go p.Logs.Consume(rErr, "stderr")
 	go func() {
@@ -142,5 +145,42 @@ func (p *Proc) Kill() {
 		if !WaitChan(p.Logs.Done(), 10*time.Second) {
 			p.tb.Errorf("output pipes of group %d not closed 10s after SIGKILL", p.PID)
 		}
+		p.release()
 	})
+}
+
+// guard starts a watchdog, outside process group pgid, that SIGKILLs the
+// group once its standard input ends, which happens when this test process
+// dies without running its cleanup (a -timeout panic, a kill): Pdeathsig
+// reaches only the group's leader, not the generations that it started and
+// that outlive it. The returned release, for a cleanup that killed the group
+// itself, kills the watchdog (the group's ID may be reused once its processes
+// are gone) and waits for it.
+func guard(tb testing.TB, pgid int) (release func()) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd := exec.Command("/bin/sh", "-c", `read -r _; kill -KILL -"$1" 2>/dev/null; exit 0`, "guard", strconv.Itoa(pgid))
+	cmd.Stdin = r
+	// Its own group, and no Pdeathsig: it must outlive this process.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	err = cmd.Start()
+	r.Close()
+	if err != nil {
+		w.Close()
+		tb.Fatalf("start the guard of process group %d: %v", pgid, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+	return func() {
+		_ = cmd.Process.Kill()
+		w.Close()
+		if !WaitChan(done, 10*time.Second) {
+			tb.Errorf("guard of process group %d (pid %d) not reaped 10s after SIGKILL", pgid, cmd.Process.Pid)
+		}
+	}
 }

@@ -7,13 +7,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/handoff-dev/handoff/internal/itest"
 )
 
 // pair returns both ends of a connection on network ("tcp" or "unix"): the
@@ -293,28 +293,12 @@ func BenchmarkAdd(b *testing.B) {
 				}
 				done += n
 			}
-			b.ReportMetric(float64(peakRSSKiB(b))/1024, "peak-rss-MiB")
+			// The process's peak so far: the second sub-benchmark's covers the first's.
+			if kib, ok := itest.VmHWM(os.Getpid()); ok {
+				b.ReportMetric(float64(kib)/1024, "peak-rss-MiB")
+			}
 		})
 	}
-}
-
-// peakRSSKiB is this process's peak RSS so far (VmHWM): the second
-// sub-benchmark's figure covers the first's too.
-func peakRSSKiB(b *testing.B) int64 {
-	st, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		b.Skip("no /proc")
-	}
-	for line := range strings.SplitSeq(string(st), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			f := strings.Fields(rest)
-			if len(f) > 0 {
-				n, _ := strconv.ParseInt(f[0], 10, 64)
-				return n
-			}
-		}
-	}
-	return 0
 }
 
 // ReadFrom sends files (whole, or within an io.LimitedReader) and copies

@@ -242,24 +242,21 @@ func isTimeout(err error) bool {
 	return ok && ne.Timeout()
 }
 
-// hotChunk is how many connections used lately (s.hot) a pass asks to move
-// at least, for passes this far apart: 64 per 5 ms, 10,000 busy keep-alive
-// connections in under a second.
-func hotChunk(pass time.Duration) int {
-	return max(1, int(64*pass/pollInterval))
-}
+// hotChunk is how many connections used lately (s.hot) a pass asks to move at
+// least: 64 per 5 ms pass, 10,000 busy keep-alive connections in under a second.
+const hotChunk = 64
 
 // moveIdle moves connections waiting for a request to the next generation, in
 // batches; those that cannot move stay. First every one used lately (s.hot:
 // its client is likely to send again soon, and should send to the next
 // generation), then others up to limit. It stops looking at connections once
-// it has found limit (hot for those used lately): a pass costs nothing per
-// connection left. It returns how many moved, and whether a move failed.
-func (s *Server) moveIdle(ctx context.Context, m Mover, limit, hot int) (moved int, failed bool) {
+// it has found limit: a pass costs nothing per connection left. It returns how
+// many moved, and whether a move failed.
+func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, failed bool) {
 	st := &steal{offers: make(chan offer), done: make(chan struct{})}
 	s.mu.Lock()
 	var asked []*conn
-	hotLimit := max(limit, hot) // used lately: faster than MoveRate, but not all in one pass
+	hotLimit := max(limit, hotChunk) // used lately: faster than MoveRate, but not all in one pass
 	for c := range s.hot {
 		if len(asked) >= hotLimit {
 			break

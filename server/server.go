@@ -55,10 +55,6 @@ var warmWindow = time.Second
 // pollInterval is how often Drain looks at the connections it waits for.
 const pollInterval = 5 * time.Millisecond
 
-// movePace is the shortest time between two passes of DrainTo that move
-// connections (see movePass).
-const movePace = time.Millisecond
-
 // Server serves HTTP on any number of listeners and drains them. The zero value
 // with a Handler set is ready to use; a Server serves one lifetime: after Drain it
 // serves no more.
@@ -321,55 +317,40 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	if m != nil {
 		grace = -1 // steady state's rule: IdleTimeout since the last request
 	}
-	// While connections move, a pass runs every movePass (a millisecond at
-	// the default rate) and moves one or a few: a burst of moves delays the
-	// requests being served in both processes by its whole cost, so bursts
-	// are kept to about one connection's. The rest of a pass (GOAWAYs, quiet
-	// connections) keeps pollInterval's pace.
-	movePass := s.movePass()
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
-	pace := pollInterval
 	var err error
-	var lastPoll, lastQuiet, moveBy time.Time
+	var lastQuiet, moveBy time.Time
 	failures := 0 // passes in a row whose move failed
 	if deadline, ok := ctx.Deadline(); ok {
 		moveBy = s.drainStart.Add(deadline.Sub(s.drainStart) / 2)
 	}
 	for {
-		next := pollInterval
+		rep.HTTP2 += s.goAway()
 		if moves {
-			moved, failed := s.moveIdle(ctx, m, s.moveChunk(moveBy, movePass), hotChunk(movePass))
+			// Every pass: a connection that becomes idle later (its answer was
+			// still being written when the drain began, or kept open to move)
+			// moves too.
+			moved, failed := s.moveIdle(ctx, m, s.moveChunk(moveBy))
 			rep.Moved += moved
-			if moved > 0 {
-				next = movePass // more may follow; a pass that found none waits longer
-			}
 			if !failed {
 				failures = 0
 			} else if failures++; failures == 3 {
 				// The next generation takes none after all: what is left stays,
 				// as steady state would keep it.
-				moves, next = false, pollInterval
+				moves = false
 			}
 		}
+		// Closing quiet connections looks at every one. While connections
+		// move, the rule is steady state's (IdleTimeout, minutes): once a
+		// second is often enough, and the passes between cost nothing per
+		// connection.
 		left := s.count()
-		if now := time.Now(); !moves || now.Sub(lastPoll) >= pollInterval-movePass/2 {
-			lastPoll = now
-			rep.HTTP2 += s.goAway()
-			// Closing quiet connections looks at every one. While
-			// connections move, the rule is steady state's (IdleTimeout,
-			// minutes): once a second is often enough, and the passes
-			// between cost nothing per connection.
-			if grace >= 0 || now.Sub(lastQuiet) >= time.Second {
-				left, lastQuiet = s.closeQuiet(grace, &rep), now
-			}
+		if grace >= 0 || time.Since(lastQuiet) >= time.Second {
+			left, lastQuiet = s.closeQuiet(grace, &rep), time.Now()
 		}
 		if left == 0 {
 			break
-		}
-		if next != pace {
-			pace = next
-			tick.Reset(pace)
 		}
 		select {
 		case <-tick.C:
@@ -446,25 +427,11 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 	return len(s.conns)
 }
 
-// movePass is how often DrainTo's passes run while connections move: a
-// pass per connection at MoveRate (a millisecond at the default rate), at
-// least movePace and at most pollInterval apart.
-func (s *Server) movePass() time.Duration {
-	rate := s.MoveRate
-	switch {
-	case rate < 0:
-		return pollInterval // all at once: the pace does not matter
-	case rate == 0:
-		rate = DefaultMoveRate
-	}
-	return min(pollInterval, max(movePace, time.Second/time.Duration(rate)))
-}
-
-// moveChunk is how many connections one pass of DrainTo (pass apart from the
-// next) asks to move: MoveRate's share of a pass, or more if that would not move every
-// connection by moveBy (half-way from the drain's start to its deadline; zero
-// without one).
-func (s *Server) moveChunk(moveBy time.Time, pass time.Duration) int {
+// moveChunk is how many connections one pass of DrainTo asks to move:
+// MoveRate's share of a pass, or more if that would not move every connection
+// by moveBy (half-way from the drain's start to its deadline; zero without
+// one).
+func (s *Server) moveChunk(moveBy time.Time) int {
 	rate := s.MoveRate
 	switch {
 	case rate < 0:
@@ -472,9 +439,9 @@ func (s *Server) moveChunk(moveBy time.Time, pass time.Duration) int {
 	case rate == 0:
 		rate = DefaultMoveRate
 	}
-	n := max(1, int(int64(rate)*int64(pass)/int64(time.Second)))
+	n := max(1, int(int64(rate)*int64(pollInterval)/int64(time.Second)))
 	if !moveBy.IsZero() {
-		passes := int(time.Until(moveBy) / pass)
+		passes := int(time.Until(moveBy) / pollInterval)
 		if left := s.count(); passes < 1 {
 			n = max(n, left)
 		} else {

@@ -365,3 +365,40 @@ while :; do sleep 600 & wait $!; done`
 		t.Errorf("exit status %d after SIGTERM, want 0 (%v)", st.ExitCode(), st)
 	}
 }
+
+// 6. handoff run killed with SIGKILL cannot remove the directory of its
+// children's notify sockets; the next handoff run on the machine (the same
+// TMPDIR) removes it, and removes its own when it stops.
+func TestRunSweepsTheNotifyDirOfAKilledRun(t *testing.T) {
+	tmp := t.TempDir()
+	dirs := func() []string {
+		ds, err := filepath.Glob(filepath.Join(tmp, "handoff-run-*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ds
+	}
+	a := itest.StartRunner(t, itest.RunnerOpts{TmpDir: tmp})
+	left := dirs()
+	if len(left) != 1 {
+		t.Fatalf("notify directories of a running handoff run in %s: %v, want 1", tmp, left)
+	}
+	itest.KillRun(t, a.Proc, a.Dir) // SIGKILL: handoff removes nothing
+	if got := dirs(); !slices.Equal(got, left) {
+		t.Fatalf("precondition: notify directories after a SIGKILL: %v, want %v still there", got, left)
+	}
+
+	b := itest.StartRunner(t, itest.RunnerOpts{TmpDir: tmp})
+	if got := dirs(); len(got) != 1 || got[0] == left[0] {
+		t.Errorf("notify directories once a second handoff run started: %v, want only its own (not %s)", got, left[0])
+	}
+	if err := syscall.Kill(b.PID, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if st := b.Wait(t, 20*time.Second); st.ExitCode() != 0 {
+		t.Errorf("exit status %d after SIGTERM, want 0 (%v)", st.ExitCode(), st)
+	}
+	if got := dirs(); len(got) != 0 {
+		t.Errorf("notify directories after handoff run stopped: %v, want none", got)
+	}
+}

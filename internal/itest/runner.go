@@ -27,6 +27,9 @@ type RunnerOpts struct {
 	// the default) or "python" (examples/python/server.py -> DIR/server.py,
 	// run as python3 DIR/server.py).
 	App string
+	// TmpDir is handoff's TMPDIR, where it keeps its children's notify
+	// sockets; default the test's temp dir (DIR), which the test removes.
+	TmpDir string
 }
 
 // Runner is `handoff-v1 run ... -- CMD` under test: handoff holds the
@@ -63,7 +66,8 @@ func SkipWithout(tb testing.TB, bin string) {
 // "ready", the PID file names it, and GET /healthz answers from its one
 // child. The test is skipped when the interpreter is not installed.
 //
-// The test's cleanup leaves nothing behind: with handoff frozen (SIGSTOP, so
+// handoff's TMPDIR, where it keeps its children's notify sockets, is
+// o.TmpDir or DIR. The test's cleanup leaves nothing behind: with handoff frozen (SIGSTOP, so
 // that it starts no child meanwhile), every child's process group is
 // SIGKILLed; handoff is then let go to reap them, frozen again, and its own
 // group SIGKILLed. Any child handoff ever logged that still runs is killed
@@ -108,6 +112,11 @@ func StartRunner(tb testing.TB, o RunnerOpts) *Runner {
 		"--ready-timeout", o.ReadyTimeout,
 		"--", interp, h.App)
 	cmd.Dir = dir
+	tmp := o.TmpDir
+	if tmp == "" {
+		tmp = dir
+	}
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
 	h.Proc = StartCmd(tb, cmd)
 	tb.Cleanup(h.kill) // before the Proc's own kill
 

@@ -280,10 +280,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			}
 		}
 	}
-	dir, err := os.MkdirTemp("", "handoff-run-")
+	dir, lock, err := makeNotifyDir(os.TempDir())
 	if err != nil {
 		return fmt.Errorf("create notify directory: %w", err)
 	}
+	defer lock.Close() // after the removal: a sweeper must not take it first
 	defer os.RemoveAll(dir)
 	s.dir = dir
 	s.reaper = newReaper(func(pid int) { s.log.Debug("reaped orphan", "orphan_pid", pid) })

@@ -38,6 +38,10 @@ type conn struct {
 	toldAway     bool                  // sent GOAWAY
 	calledOff    atomic.Bool           // a move was called off from the drain's side
 	readDeadline time.Time             // the one net/http asked for
+
+	// Parked outside net/http until its first bytes (park.go).
+	park     parkState
+	parkWoke bool // its park goroutine woke during a move (endParkedMove)
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.

@@ -41,6 +41,7 @@ type steal struct {
 }
 
 // offer is a connection's answer to a steal: fd is -1 when it cannot move.
+// A parked connection's has no result channel (see endParkedMove).
 type offer struct {
 	c      *conn
 	fd     int
@@ -256,6 +257,7 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 	st := &steal{offers: make(chan offer), done: make(chan struct{})}
 	s.mu.Lock()
 	var asked []*conn
+	var parkedFds []offer            // parked: no goroutine to ask, the descriptor is at hand
 	hotLimit := max(limit, hotChunk) // used lately: faster than MoveRate, but not all in one pass
 	for c := range s.hot {
 		if len(asked) >= hotLimit {
@@ -266,15 +268,17 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 		}
 	}
 	for c := range s.conns {
-		if len(asked) >= limit {
+		if len(asked)+len(parkedFds) >= limit {
 			break
 		}
-		if c.requestMove(st) {
+		if fd := c.takeParked(); fd >= 0 {
+			parkedFds = append(parkedFds, offer{c: c, fd: fd})
+		} else if c.requestMove(st) {
 			asked = append(asked, c)
 		}
 	}
 	s.mu.Unlock()
-	if len(asked) == 0 {
+	if len(asked)+len(parkedFds) == 0 {
 		return 0, false
 	}
 	var batch []offer
@@ -295,9 +299,22 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 			failed = true
 		}
 		for _, o := range batch {
-			o.result <- ok
+			if o.result == nil {
+				s.endParkedMove(o.c, ok)
+			} else {
+				o.result <- ok
+			}
 		}
 		batch = batch[:0]
+	}
+	add := func(o offer) {
+		batch = append(batch, o)
+		if len(batch) == MaxMoveBatch {
+			flush()
+		}
+	}
+	for _, o := range parkedFds {
+		add(o)
 	}
 	timeout := time.NewTimer(stealWait)
 	defer timeout.Stop()
@@ -305,12 +322,8 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 		select {
 		case o := <-st.offers:
 			answered++
-			if o.fd < 0 {
-				continue
-			}
-			batch = append(batch, o)
-			if len(batch) == MaxMoveBatch {
-				flush()
+			if o.fd >= 0 {
+				add(o)
 			}
 			continue
 		case <-timeout.C:

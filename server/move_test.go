@@ -71,8 +71,19 @@ func rawDial(t *testing.T, addr string) *rawConn {
 
 func (c *rawConn) get(t *testing.T) (body string, closing bool) {
 	t.Helper()
+	c.send(t)
+	return c.read(t)
+}
+
+// send sends GET /; read reads one answer.
+func (c *rawConn) send(t *testing.T) {
+	t.Helper()
 	_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 	require.NoError(t, err)
+}
+
+func (c *rawConn) read(t *testing.T) (body string, closing bool) {
+	t.Helper()
 	resp, err := http.ReadResponse(c.br, nil)
 	require.NoError(t, err)
 	b, err := io.ReadAll(resp.Body)

@@ -109,6 +109,9 @@ type Server struct {
 
 	serving sync.WaitGroup // Serve calls running
 
+	unparkOnce sync.Once
+	unparked   *unparkListener // parked connections whose bytes came, for net/http (park.go)
+
 	mu           sync.Mutex
 	drainStart   time.Time
 	listeners    map[*listener]struct{}
@@ -362,6 +365,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 		break
 	}
 	rep.Running = s.waitHandlers(ctx)
+	s.closeUnparked()
 	s.srv.Close() // nothing is left; this releases net/http's own state
 	s.mu.Lock()
 	rep.ClosedAfterResponse = s.closedSelf
@@ -555,18 +559,26 @@ type listener struct {
 	tls bool // served over TLS: its connections never move
 }
 
+// Accept tracks each connection; one moved in idle is parked until its
+// client sends (park.go), and Accept goes on to the next.
 func (l *listener) Accept() (net.Conn, error) {
-	nc, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	c := l.s.track(nc)
 	_, fromMove := l.Listener.(*moved.Listener)
-	c.mu.Lock()
-	c.fromMove = fromMove
-	if l.tls {
-		c.movable = false
+	for {
+		nc, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		c := l.s.track(nc)
+		c.mu.Lock()
+		c.fromMove = fromMove
+		if l.tls {
+			c.movable = false
+		}
+		parks := fromMove && c.movable
+		c.mu.Unlock()
+		if parks && l.s.park(c) {
+			continue
+		}
+		return c, nil
 	}
-	c.mu.Unlock()
-	return c, nil
 }

@@ -1,0 +1,222 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/handoff-dev/handoff/internal/moved"
+)
+
+// parkedCount is how many of s's connections wait parked.
+func parkedCount(s *Server) int {
+	s.init()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.park == parked {
+			n++
+		}
+		c.mu.Unlock()
+	}
+	return n
+}
+
+// movedServer is startMoved with a server of one's own making: s serves a
+// moved-connections listener that the returned Mover feeds.
+func movedServer(t *testing.T, s *Server) *pairMover {
+	t.Helper()
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ml) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		s.Drain(ctx)
+		<-done
+	})
+	return &pairMover{to: ml}
+}
+
+// countNew counts the connections net/http took (ConnState new).
+func countNew(n *atomic.Int64) func(net.Conn, http.ConnState) {
+	return func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			n.Add(1)
+		}
+	}
+}
+
+// moveTo opens n used connections to a new server "old" and drains it into m:
+// they are then idle in the next generation.
+func moveTo(t *testing.T, m Mover, n int) []*rawConn {
+	t.Helper()
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	clients := dialUsed(t, addr, n)
+	eventually(t, func() bool { return idleCount(a) == n }, "idle connections")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rep, err := a.DrainTo(ctx, m)
+	require.NoError(t, err)
+	require.Equal(t, n, rep.Moved)
+	return clients
+}
+
+// Idle connections moved in wait parked, without net/http, until their
+// clients send; then net/http serves them.
+func TestMovedIdleConnectionsWaitParked(t *testing.T) {
+	var taken atomic.Int64
+	b := &Server{HTTP: &http.Server{Handler: whoHandler("new"), ConnState: countNew(&taken)}}
+	clients := moveTo(t, movedServer(t, b), 20)
+	eventually(t, func() bool { return parkedCount(b) == 20 }, "20 parked connections")
+	assert.Zero(t, taken.Load(), "connections net/http took before any request")
+	for i, c := range clients {
+		body, closing := c.get(t)
+		assert.Equal(t, "new", body, "client %d", i)
+		assert.False(t, closing, "client %d", i)
+	}
+	assert.Zero(t, parkedCount(b))
+	assert.EqualValues(t, 20, taken.Load())
+	eventually(t, func() bool { return idleCount(b) == 20 }, "20 idle connections, served")
+}
+
+// Parked connections move on to the next generation without net/http ever
+// taking them here.
+func TestParkedConnectionsMoveOn(t *testing.T) {
+	var taken atomic.Int64
+	b := &Server{HTTP: &http.Server{Handler: whoHandler("b"), ConnState: countNew(&taken)}}
+	clients := moveTo(t, movedServer(t, b), 20)
+	eventually(t, func() bool { return parkedCount(b) == 20 }, "20 parked connections")
+	_, toC := startMoved(t, "c")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rep, err := b.DrainTo(ctx, toC)
+	require.NoError(t, err)
+	assert.Equal(t, 20, rep.Moved)
+	assert.Zero(t, rep.ClosedIdle+rep.ClosedAfterResponse+rep.Cut, "report %+v", rep)
+	assert.Zero(t, taken.Load(), "connections net/http took in the middle generation")
+	for i, c := range clients {
+		body, _ := c.get(t)
+		assert.Equal(t, "c", body, "client %d", i)
+	}
+}
+
+// A parked connection closes at IdleTimeout from its move, as steady state
+// would close an idle one.
+func TestParkedConnectionClosesAtIdleTimeout(t *testing.T) {
+	b := &Server{Handler: whoHandler("new"), IdleTimeout: 200 * time.Millisecond}
+	clients := moveTo(t, movedServer(t, b), 1)
+	_, err := clients[0].br.ReadByte() // bounded by rawDial's deadline
+	assert.ErrorIs(t, err, io.EOF, "the server closed it")
+	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
+}
+
+// A stop (Drain, no next generation): parked connections that stay quiet
+// close after IdleGrace; a request on one is answered, with Connection: close.
+func TestDrainWithParkedConnections(t *testing.T) {
+	t.Run("quiet", func(t *testing.T) {
+		b := &Server{Handler: whoHandler("new")}
+		moveTo(t, movedServer(t, b), 5)
+		eventually(t, func() bool { return parkedCount(b) == 5 }, "5 parked connections")
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		rep, err := b.Drain(ctx)
+		require.NoError(t, err)
+		assert.Equal(t, 5, rep.ClosedIdle, "report %+v", rep)
+	})
+	t.Run("a request", func(t *testing.T) {
+		b := &Server{Handler: whoHandler("new"), IdleGrace: time.Hour}
+		clients := moveTo(t, movedServer(t, b), 1)
+		eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		drained := drainAsync(b, ctx)
+		eventually(t, func() bool { return b.Draining() }, "draining")
+		body, closing := clients[0].get(t)
+		assert.Equal(t, "new", body)
+		assert.True(t, closing, "answered with Connection: close")
+		rep := waitReport(t, drained)
+		assert.Equal(t, 1, rep.ClosedAfterResponse, "report %+v", rep)
+	})
+}
+
+// heldMover holds every Move until released, then fails it or moves on.
+type heldMover struct {
+	next     Mover // nil: fail
+	entered  chan struct{}
+	release  chan struct{}
+	entering atomic.Bool
+}
+
+func (h *heldMover) Move(fds []int) error {
+	if h.entering.CompareAndSwap(false, true) {
+		close(h.entered)
+	}
+	<-h.release
+	if h.next == nil {
+		return errors.New("refused")
+	}
+	return h.next.Move(fds)
+}
+
+// parkWoke reports whether a parked connection of s woke during its move.
+func parkWoke(s *Server) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		c.mu.Lock()
+		w := c.parkWoke
+		c.mu.Unlock()
+		if w {
+			return true
+		}
+	}
+	return false
+}
+
+// A request that arrives while its parked connection is being moved is
+// answered once: by the next generation if the move succeeds (the bytes went
+// with it, unread), by this one if it fails.
+func TestRequestDuringAParkedMove(t *testing.T) {
+	for _, moves := range []bool{true, false} {
+		name, want := "fails", "b"
+		if moves {
+			name, want = "moves", "c"
+		}
+		t.Run(name, func(t *testing.T) {
+			b := &Server{Handler: whoHandler("b"), IdleGrace: time.Hour}
+			clients := moveTo(t, movedServer(t, b), 1)
+			eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
+			h := &heldMover{entered: make(chan struct{}), release: make(chan struct{})}
+			if moves {
+				_, h.next = startMoved(t, "c")
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			drained := drainToAsync(b, ctx, h)
+			select {
+			case <-h.entered:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no move began")
+			}
+			clients[0].send(t)
+			eventually(t, func() bool { return parkWoke(b) }, "the park goroutine to see the request")
+			close(h.release)
+			body, _ := clients[0].read(t)
+			assert.Equal(t, want, body)
+			cancel() // a failed move leaves the connection until the deadline
+			waitReport(t, drained)
+		})
+	}
+}

@@ -370,7 +370,7 @@ while :; do sleep 600 & wait $!; done`
 // children's notify sockets; the next handoff run on the machine (the same
 // TMPDIR) removes it, and removes its own when it stops.
 func TestRunSweepsTheNotifyDirOfAKilledRun(t *testing.T) {
-	tmp := t.TempDir()
+	tmp := itest.ShortTempDir(t)
 	dirs := func() []string {
 		ds, err := filepath.Glob(filepath.Join(tmp, "handoff-run-*"))
 		if err != nil {

@@ -28,7 +28,7 @@ type RunnerOpts struct {
 	// run as python3 DIR/server.py).
 	App string
 	// TmpDir is handoff's TMPDIR, where it keeps its children's notify
-	// sockets; default the test's temp dir (DIR), which the test removes.
+	// sockets; default a directory of the test's own (see ShortTempDir).
 	TmpDir string
 }
 
@@ -67,7 +67,7 @@ func SkipWithout(tb testing.TB, bin string) {
 // child. The test is skipped when the interpreter is not installed.
 //
 // handoff's TMPDIR, where it keeps its children's notify sockets, is
-// o.TmpDir or DIR. The test's cleanup leaves nothing behind: with handoff frozen (SIGSTOP, so
+// o.TmpDir or a [ShortTempDir]. The test's cleanup leaves nothing behind: with handoff frozen (SIGSTOP, so
 // that it starts no child meanwhile), every child's process group is
 // SIGKILLed; handoff is then let go to reap them, frozen again, and its own
 // group SIGKILLed. Any child handoff ever logged that still runs is killed
@@ -114,7 +114,7 @@ func StartRunner(tb testing.TB, o RunnerOpts) *Runner {
 	cmd.Dir = dir
 	tmp := o.TmpDir
 	if tmp == "" {
-		tmp = dir
+		tmp = ShortTempDir(tb)
 	}
 	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
 	h.Proc = StartCmd(tb, cmd)
@@ -422,4 +422,17 @@ func (h *Runner) WriteApp(src string) {
 	if err := os.Rename(tmp, h.App); err != nil {
 		h.tb.Fatal(err)
 	}
+}
+
+// ShortTempDir is a temporary directory that the test's cleanup removes, with
+// a path short enough for Unix sockets in it (a sun_path holds 107 bytes;
+// tb.TempDir's paths carry the test's name).
+func ShortTempDir(tb testing.TB) string {
+	tb.Helper()
+	dir, err := os.MkdirTemp("", "ho-")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }

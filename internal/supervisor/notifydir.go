@@ -17,6 +17,7 @@ import (
 const (
 	notifyDirPattern = "handoff-run-*"
 	lockName         = "lock"
+	maxSocketPath    = 107 // sun_path's 108 bytes, less the terminating NUL
 )
 
 // makeNotifyDir sweeps the directories dead supervisors left in tmp, then
@@ -27,6 +28,12 @@ func makeNotifyDir(tmp string) (dir string, lock *os.File, err error) {
 	dir, err = os.MkdirTemp(tmp, notifyDirPattern)
 	if err != nil {
 		return "", nil, err
+	}
+	// A Unix socket's path holds at most 107 bytes: say so now, with the
+	// remedy, rather than "bind: invalid argument" at the first child.
+	if longest := filepath.Join(dir, "notify-999999999.sock"); len(longest) > maxSocketPath {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("%s is too long for the children's notify sockets (%d bytes with a socket's name, at most %d): set TMPDIR to a shorter directory", dir, len(longest), maxSocketPath)
 	}
 	defer func() {
 		if err != nil {

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -13,7 +14,7 @@ import (
 // are gone (their lock is free) and nothing else: not a live one's, not one
 // without a lock file, not another program's.
 func TestMakeNotifyDirSweepsOnlyDeadSupervisors(t *testing.T) {
-	tmp := t.TempDir()
+	tmp := shortTempDir(t)
 	live, liveLock, err := makeNotifyDir(tmp)
 	require.NoError(t, err)
 	defer liveLock.Close()
@@ -45,4 +46,27 @@ func TestMakeNotifyDirSweepsOnlyDeadSupervisors(t *testing.T) {
 func TestMakeNotifyDirFailsInAMissingDir(t *testing.T) {
 	_, _, err := makeNotifyDir(filepath.Join(t.TempDir(), "missing"))
 	assert.ErrorIs(t, err, os.ErrNotExist)
+}
+
+// A TMPDIR too long for a socket's path fails at the start, with the remedy,
+// and leaves nothing.
+func TestMakeNotifyDirRefusesATooLongPath(t *testing.T) {
+	tmp := shortTempDir(t)
+	long := filepath.Join(tmp, strings.Repeat("x", 100))
+	require.NoError(t, os.Mkdir(long, 0o700))
+	_, _, err := makeNotifyDir(long)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "set TMPDIR to a shorter directory")
+	left, _ := filepath.Glob(filepath.Join(long, notifyDirPattern))
+	assert.Empty(t, left)
+}
+
+// shortTempDir is a temporary directory with a path short enough for Unix
+// sockets under it (t.TempDir's carry the test's name).
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "nd-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }

@@ -30,7 +30,9 @@ const (
 )
 
 // park parks c, just accepted from a moved-connections listener. It reports
-// false when c cannot wait in the poller: the caller then gives it to net/http.
+// false when c cannot wait in the poller, or unparked connections are no
+// longer served (the server stopped with none parked): the caller then gives
+// it to net/http.
 func (s *Server) park(c *conn) bool {
 	sc, ok := c.Conn.(syscall.Conn)
 	if !ok {
@@ -40,11 +42,31 @@ func (s *Server) park(c *conn) bool {
 	if err != nil || c.Conn.SetReadDeadline(time.Now().Add(s.srv.IdleTimeout)) != nil {
 		return false
 	}
+	s.mu.Lock()
+	if s.unparkOver {
+		s.mu.Unlock()
+		return false
+	}
+	s.parkedN++
+	s.mu.Unlock()
 	c.mu.Lock()
 	c.park = parked
 	c.mu.Unlock()
 	go s.waitParked(c, rc)
 	return true
+}
+
+// leftPark counts a connection out of parking: net/http took it, it moved on,
+// or it closed. The last one out of a server that has stopped accepting ends
+// the serving of unparked connections.
+func (s *Server) leftPark() {
+	s.mu.Lock()
+	s.parkedN--
+	last := s.parkedN == 0 && s.stopped.Load()
+	s.mu.Unlock()
+	if last {
+		s.closeUnparked()
+	}
 }
 
 // waitParked waits until c has bytes to read (a request, or its end), then
@@ -60,8 +82,13 @@ func (s *Server) waitParked(c *conn, rc syscall.RawConn) {
 		c.parkWoke = true // the move decides (endParkedMove)
 		c.mu.Unlock()
 		return
-	case c.park != parked || c.closed:
-		c.mu.Unlock() // moved on, or closed by the drain
+	case c.park != parked:
+		c.mu.Unlock() // moved on (endParkedMove counted it out)
+		return
+	case c.closed:
+		c.park = notParked // closed by the drain, or net/http's Close
+		c.mu.Unlock()
+		s.leftPark()
 		return
 	}
 	c.park = notParked
@@ -72,10 +99,32 @@ func (s *Server) waitParked(c *conn, rc syscall.RawConn) {
 		c.mu.Unlock()
 		c.Conn.Close()
 		s.forget(c)
+		s.leftPark()
 		return
 	}
 	c.mu.Unlock()
 	s.unpark(c)
+}
+
+// closeParked closes every parked connection, as net/http's Close and
+// Shutdown close idle ones: for a Server whose http.Server is closed from
+// outside (see listener.Close).
+func (s *Server) closeParked() {
+	s.mu.Lock()
+	var closed []*conn
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.park == parked && !c.closed {
+			c.closed = true
+			c.Conn.Close() // its park goroutine wakes, and counts it out
+			closed = append(closed, c)
+		}
+		c.mu.Unlock()
+	}
+	s.mu.Unlock()
+	for _, c := range closed {
+		s.forget(c)
+	}
 }
 
 // readable reports whether a read of fd would not block: bytes, their end, or
@@ -115,6 +164,7 @@ func (s *Server) endParkedMove(c *conn, moved bool) {
 		c.mu.Unlock()
 		c.Conn.Close() // its park goroutine wakes and leaves
 		s.forget(c)
+		s.leftPark()
 		return
 	}
 	c.park = parked
@@ -128,15 +178,19 @@ func (s *Server) endParkedMove(c *conn, moved bool) {
 }
 
 // unpark gives c to net/http through the unpark listener, served from the
-// first park until the drain ends.
+// first unpark until no connection is parked in a server that has stopped
+// accepting (or the end of its drain).
 func (s *Server) unpark(c *conn) {
-	s.unparkOnce.Do(func() {
-		s.unparked = &unparkListener{c: make(chan net.Conn, 64), done: make(chan struct{}), addr: c.LocalAddr()}
-		go s.srv.Serve(s.unparked) // ends when the listener closes (end of DrainTo, or srv.Close)
-	})
+	s.mu.Lock()
+	if s.unparked == nil && !s.unparkOver {
+		s.unparked = &unparkListener{s: s, c: make(chan net.Conn, 64), done: make(chan struct{}), addr: c.LocalAddr()}
+		go s.srv.Serve(s.unparked) // until the listener closes (closeUnparked, or the http.Server's Close)
+	}
 	l := s.unparked
+	s.mu.Unlock()
 	if l == nil {
-		c.Close() // the drain is over: nobody would answer it
+		c.Close() // never happens while it is counted as parked
+		s.leftPark()
 		return
 	}
 	select {
@@ -147,20 +201,37 @@ func (s *Server) unpark(c *conn) {
 		default:
 		}
 	case <-l.done:
-		c.Close()
+		c.Close() // the http.Server was closed: nobody answers it
+		s.leftPark()
 	}
 }
 
-// closeUnparked stops serving unparked connections (the end of a drain).
+// closeUnparked stops serving unparked connections; none can be parked from
+// now on.
 func (s *Server) closeUnparked() {
-	s.unparkOnce.Do(func() {}) // none from now on
-	if s.unparked != nil {
-		s.unparked.Close()
+	s.mu.Lock()
+	s.unparkOver = true
+	l := s.unparked
+	s.mu.Unlock()
+	if l != nil {
+		l.Close()
 	}
 }
 
-// unparkListener yields the connections unparked.
+// closeUnparkedIfNone is closeUnparked once nothing is parked (a server that
+// stops accepting parks nothing more).
+func (s *Server) closeUnparkedIfNone() {
+	s.mu.Lock()
+	none := s.parkedN == 0
+	s.mu.Unlock()
+	if none {
+		s.closeUnparked()
+	}
+}
+
+// unparkListener yields the connections unparked to net/http.
 type unparkListener struct {
+	s    *Server
 	c    chan net.Conn
 	done chan struct{}
 	once sync.Once
@@ -175,6 +246,7 @@ func (l *unparkListener) Accept() (net.Conn, error) {
 	}
 	select {
 	case c := <-l.c:
+		l.s.leftPark() // net/http has it
 		return c, nil
 	case <-l.done:
 		return nil, net.ErrClosed
@@ -195,6 +267,7 @@ func (l *unparkListener) closeQueued() {
 		select {
 		case c := <-l.c:
 			c.Close()
+			l.s.leftPark()
 		default:
 			return
 		}

@@ -220,3 +220,61 @@ func TestRequestDuringAParkedMove(t *testing.T) {
 		})
 	}
 }
+
+// unparkServing reports whether s still serves unparked connections.
+func unparkServing(s *Server) bool {
+	s.mu.Lock()
+	l := s.unparked
+	s.mu.Unlock()
+	if l == nil {
+		return false
+	}
+	select {
+	case <-l.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// A server that stops accepting and is never drained stops serving unparked
+// connections once none is parked: nothing is left running (goleak, at the
+// end of the package, checks the goroutine too).
+func TestUnparkedServingEndsWithoutADrain(t *testing.T) {
+	b := &Server{Handler: whoHandler("new")}
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(ml) }()
+	clients := moveTo(t, &pairMover{to: ml}, 2)
+	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked connections")
+	body, _ := clients[0].get(t) // unparked: net/http serves it
+	require.Equal(t, "new", body)
+	b.StopAccepting()
+	require.ErrorIs(t, <-done, ErrDraining)
+	assert.True(t, unparkServing(b), "one connection is still parked: its request must find net/http")
+	body, _ = clients[1].get(t)
+	assert.Equal(t, "new", body)
+	eventually(t, func() bool { return !unparkServing(b) }, "the unpark listener closed once none is parked")
+	for _, c := range clients {
+		c.Close()
+	}
+	eventually(t, func() bool { return tracked(b) == 0 }, "no connection left")
+}
+
+// Closing the http.Server from outside closes the parked connections, as it
+// closes net/http's idle ones.
+func TestHTTPServerCloseClosesParkedConnections(t *testing.T) {
+	hs := &http.Server{Handler: whoHandler("new")}
+	b := &Server{HTTP: hs}
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(ml) }()
+	clients := moveTo(t, &pairMover{to: ml}, 1)
+	eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
+	require.NoError(t, hs.Close())
+	<-done
+	_, err := clients[0].br.ReadByte() // bounded by rawDial's deadline
+	assert.ErrorIs(t, err, io.EOF, "closed by the server")
+	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
+	assert.False(t, unparkServing(b))
+}

@@ -110,9 +110,6 @@ type Server struct {
 
 	serving sync.WaitGroup // Serve calls running
 
-	unparkOnce sync.Once
-	unparked   *unparkListener // parked connections whose bytes came, for net/http (park.go)
-
 	mu           sync.Mutex
 	drainStart   time.Time
 	listeners    map[*listener]struct{}
@@ -123,6 +120,11 @@ type Server struct {
 	closedSelf   int // connections that closed on their own during the drain
 	closedIdle   int // idle connections the drain closed
 	hijackedLeft int // hijacked connections closed during the drain
+
+	// Parked connections (park.go).
+	parkedN    int             // parked, or on their way to net/http
+	unparked   *unparkListener // from the first unpark: parked connections whose bytes came, for net/http
+	unparkOver bool            // unparked connections are no longer served: nothing parks
 }
 
 // Report says what a drain did.
@@ -187,10 +189,12 @@ func orDefault(d, def time.Duration) time.Duration {
 // On the listener of connections moved in from the previous generation
 // (package upgrader's Upgrader.Moved), each connection waits parked, outside
 // net/http (a small goroutine in the runtime's poller, no buffers), until its
-// client sends; net/http then serves it like the others, except that its
-// http.Server's BaseContext sees another listener. A parked connection moves
-// on to the next generation without waking net/http, and closes at
-// IdleTimeout from its move.
+// client sends; net/http then serves it like the others. So net/http's hooks
+// see it only from then on (ConnState's StateNew, ConnContext, and a second
+// BaseContext call, with a listener of this package's), and not at all if it
+// closes or moves on while parked: it moves on to the next generation
+// without waking net/http, and closes at IdleTimeout from its move, or when
+// the http.Server is closed.
 func (s *Server) Serve(ln net.Listener) error {
 	return s.serve(ln, false, "", "")
 }
@@ -252,8 +256,9 @@ func (s *Server) InFlight() int64 { return s.inFlight.Load() }
 func (s *Server) StopAccepting() {
 	s.init()
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.stopAcceptingLocked()
+	s.mu.Unlock()
+	s.closeUnparkedIfNone()
 }
 
 func (s *Server) stopAcceptingLocked() {
@@ -323,6 +328,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	// Every Serve returns once its listener is closed; a connection accepted just
 	// before that is tracked by then, so none is missed below.
 	s.serving.Wait()
+	s.closeUnparkedIfNone()
 
 	var rep Report
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
@@ -566,6 +572,17 @@ type listener struct {
 	net.Listener
 	s   *Server
 	tls bool // served over TLS: its connections never move
+}
+
+// Close is net/http's: at the end of Serve, or from the http.Server's Close
+// or Shutdown. Unless this Server is stopping (then the drain decides), the
+// connections parked here close too, as net/http closes its idle ones.
+func (l *listener) Close() error {
+	err := l.Listener.Close()
+	if _, fromMove := l.Listener.(*moved.Listener); fromMove && !l.s.stopped.Load() {
+		l.s.closeParked()
+	}
+	return err
 }
 
 // Accept tracks each connection; one moved in idle is parked until its

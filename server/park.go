@@ -47,6 +47,12 @@ func (s *Server) park(c *conn) bool {
 		s.mu.Unlock()
 		return false
 	}
+	if s.unparked == nil {
+		// Served from the first park, so that the http.Server's Close and
+		// Shutdown reach it (see unparkListener.Close).
+		s.unparked = &unparkListener{s: s, c: make(chan net.Conn, 64), done: make(chan struct{}), addr: c.LocalAddr()}
+		go s.srv.Serve(s.unparked)
+	}
 	s.parkedN++
 	s.mu.Unlock()
 	c.mu.Lock()
@@ -62,10 +68,13 @@ func (s *Server) park(c *conn) bool {
 func (s *Server) leftPark() {
 	s.mu.Lock()
 	s.parkedN--
-	last := s.parkedN == 0 && s.stopped.Load()
+	var l *unparkListener
+	if s.parkedN == 0 && s.stopped.Load() {
+		s.unparkOver, l = true, s.unparked // in the same hold as the count: no park slips in
+	}
 	s.mu.Unlock()
-	if last {
-		s.closeUnparked()
+	if l != nil {
+		l.Close()
 	}
 }
 
@@ -178,21 +187,12 @@ func (s *Server) endParkedMove(c *conn, moved bool) {
 }
 
 // unpark gives c to net/http through the unpark listener, served from the
-// first unpark until no connection is parked in a server that has stopped
-// accepting (or the end of its drain).
+// first park until no connection is parked in a server that has stopped
+// accepting, or the end of its drain, or the http.Server's Close.
 func (s *Server) unpark(c *conn) {
 	s.mu.Lock()
-	if s.unparked == nil && !s.unparkOver {
-		s.unparked = &unparkListener{s: s, c: make(chan net.Conn, 64), done: make(chan struct{}), addr: c.LocalAddr()}
-		go s.srv.Serve(s.unparked) // until the listener closes (closeUnparked, or the http.Server's Close)
-	}
-	l := s.unparked
+	l := s.unparked // set at the first park
 	s.mu.Unlock()
-	if l == nil {
-		c.Close() // never happens while it is counted as parked
-		s.leftPark()
-		return
-	}
 	select {
 	case l.c <- c:
 		select {
@@ -218,14 +218,17 @@ func (s *Server) closeUnparked() {
 	}
 }
 
-// closeUnparkedIfNone is closeUnparked once nothing is parked (a server that
+// closeUnparkedIfNone is closeUnparked if nothing is parked (a server that
 // stops accepting parks nothing more).
 func (s *Server) closeUnparkedIfNone() {
 	s.mu.Lock()
-	none := s.parkedN == 0
+	var l *unparkListener
+	if s.parkedN == 0 {
+		s.unparkOver, l = true, s.unparked // in the same hold as the count: no park slips in
+	}
 	s.mu.Unlock()
-	if none {
-		s.closeUnparked()
+	if l != nil {
+		l.Close()
 	}
 }
 
@@ -253,12 +256,27 @@ func (l *unparkListener) Accept() (net.Conn, error) {
 	}
 }
 
-// Close stops Accept; a connection still queued is closed.
+// Close stops Accept; a connection still queued is closed. Closed by the
+// http.Server (its Close or Shutdown), not by this package, it also closes
+// every parked connection, as net/http closes its idle ones: none could be
+// served any more.
 func (l *unparkListener) Close() error {
+	first := false
 	l.once.Do(func() {
 		close(l.done)
-		l.closeQueued()
+		first = true
 	})
+	if !first {
+		return nil
+	}
+	l.s.mu.Lock()
+	fromOutside := !l.s.unparkOver
+	l.s.unparkOver = true
+	l.s.mu.Unlock()
+	l.closeQueued() // outside the Once: a last leftPark here may close it again
+	if fromOutside {
+		l.s.closeParked()
+	}
 	return nil
 }
 

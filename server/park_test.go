@@ -278,3 +278,113 @@ func TestHTTPServerCloseClosesParkedConnections(t *testing.T) {
 	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
 	assert.False(t, unparkServing(b))
 }
+
+// stalledAccept is an http.Server whose accept loop stalls in ConnContext on
+// the first connection it takes (until gate closes, 10 s at most): the unpark
+// listener's queue then holds the next one. It says when it stalls.
+func stalledAccept(gate, entered chan struct{}) *http.Server {
+	return &http.Server{Handler: whoHandler("new"), ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		select {
+		case <-gate:
+		case <-time.After(10 * time.Second):
+		}
+		return ctx
+	}}
+}
+
+// queuedUnparked is how many unparked connections wait for net/http.
+func queuedUnparked(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unparked == nil {
+		return 0
+	}
+	return len(s.unparked.c)
+}
+
+func unparkOver(s *Server) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.unparkOver
+}
+
+// oneQueued parks two connections in a server over hs, whose stalled accept
+// loop takes the first when it sends; the second then waits in the queue.
+func oneQueued(t *testing.T, hs *http.Server, entered chan struct{}) (*Server, chan error) {
+	t.Helper()
+	b := &Server{HTTP: hs}
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(ml) }()
+	clients := moveTo(t, &pairMover{to: ml}, 2)
+	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked")
+	clients[0].send(t)
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("net/http never took the first")
+	}
+	clients[1].send(t)
+	eventually(t, func() bool { return queuedUnparked(b) == 1 }, "the second queued")
+	return b, done
+}
+
+// The end of serving unparked connections, with one still queued for
+// net/http: the drain that cut it returns (its close once re-entered the
+// listener's Close and hung), and so does the http.Server's Close after
+// StopAccepting.
+func TestUnparkedQueueAtTheEnd(t *testing.T) {
+	t.Run("drain cut", func(t *testing.T) {
+		gate, entered := make(chan struct{}), make(chan struct{}, 1)
+		b, done := oneQueued(t, stalledAccept(gate, entered), entered)
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		drained := drainAsync(b, ctx)
+		eventually(t, func() bool { return unparkOver(b) }, "the drain to end the unparked connections")
+		close(gate) // the http.Server's Close at the end of the drain waits for its accept loops
+		waitReport(t, drained)
+		<-done
+	})
+	t.Run("http.Server Close", func(t *testing.T) {
+		gate, entered := make(chan struct{}), make(chan struct{}, 1)
+		hs := stalledAccept(gate, entered)
+		b, done := oneQueued(t, hs, entered)
+		b.StopAccepting()
+		<-done
+		closed := make(chan struct{})
+		go func() { hs.Close(); close(closed) }()
+		eventually(t, func() bool { return unparkOver(b) }, "Close to reach the unpark listener")
+		close(gate)
+		select {
+		case <-closed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the http.Server's Close hung")
+		}
+	})
+}
+
+// The http.Server's Shutdown after StopAccepting closes parked connections
+// too: nothing could answer them any more.
+func TestHTTPServerShutdownAfterStopAcceptingClosesParked(t *testing.T) {
+	hs := &http.Server{Handler: whoHandler("new")}
+	b := &Server{HTTP: hs}
+	ml := moved.New(&net.TCPAddr{})
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(ml) }()
+	clients := moveTo(t, &pairMover{to: ml}, 2)
+	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked")
+	body, _ := clients[0].get(t)
+	require.Equal(t, "new", body)
+	b.StopAccepting()
+	<-done
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	require.NoError(t, hs.Shutdown(ctx))
+	_, err := clients[1].br.ReadByte() // bounded by rawDial's deadline
+	assert.ErrorIs(t, err, io.EOF, "the parked connection closed, as net/http's idle ones")
+	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
+}

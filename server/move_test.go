@@ -108,16 +108,7 @@ func dialUsed(t *testing.T, addr string, n int) []*rawConn {
 func startMoved(t *testing.T, name string) (*Server, *pairMover) {
 	t.Helper()
 	b := &Server{Handler: whoHandler(name)}
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- b.Serve(ml) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		b.Drain(ctx)
-		<-done
-	})
-	return b, &pairMover{to: ml}
+	return b, movedServer(t, b)
 }
 
 // Idle connections move: the drain ends at once, and each client's next

@@ -36,16 +36,23 @@ func parkedCount(s *Server) int {
 // moved-connections listener that the returned Mover feeds.
 func movedServer(t *testing.T, s *Server) *pairMover {
 	t.Helper()
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ml) }()
+	m, done := serveMoved(s)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		s.Drain(ctx)
 		<-done
 	})
-	return &pairMover{to: ml}
+	return m
+}
+
+// serveMoved serves s on a new moved-connections listener that the returned
+// Mover feeds; done has Serve's result. The test ends s itself.
+func serveMoved(s *Server) (m *pairMover, done <-chan error) {
+	ml := moved.New(&net.TCPAddr{})
+	d := make(chan error, 1)
+	go func() { d <- s.Serve(ml) }()
+	return &pairMover{to: ml}, d
 }
 
 // countNew counts the connections net/http took (ConnState new).
@@ -242,10 +249,8 @@ func unparkServing(s *Server) bool {
 // end of the package, checks the goroutine too).
 func TestUnparkedServingEndsWithoutADrain(t *testing.T) {
 	b := &Server{Handler: whoHandler("new")}
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- b.Serve(ml) }()
-	clients := moveTo(t, &pairMover{to: ml}, 2)
+	m, done := serveMoved(b)
+	clients := moveTo(t, m, 2)
 	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked connections")
 	body, _ := clients[0].get(t) // unparked: net/http serves it
 	require.Equal(t, "new", body)
@@ -266,10 +271,8 @@ func TestUnparkedServingEndsWithoutADrain(t *testing.T) {
 func TestHTTPServerCloseClosesParkedConnections(t *testing.T) {
 	hs := &http.Server{Handler: whoHandler("new")}
 	b := &Server{HTTP: hs}
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- b.Serve(ml) }()
-	clients := moveTo(t, &pairMover{to: ml}, 1)
+	m, done := serveMoved(b)
+	clients := moveTo(t, m, 1)
 	eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
 	require.NoError(t, hs.Close())
 	<-done
@@ -314,13 +317,11 @@ func unparkOver(s *Server) bool {
 
 // oneQueued parks two connections in a server over hs, whose stalled accept
 // loop takes the first when it sends; the second then waits in the queue.
-func oneQueued(t *testing.T, hs *http.Server, entered chan struct{}) (*Server, chan error) {
+func oneQueued(t *testing.T, hs *http.Server, entered chan struct{}) (*Server, <-chan error) {
 	t.Helper()
 	b := &Server{HTTP: hs}
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- b.Serve(ml) }()
-	clients := moveTo(t, &pairMover{to: ml}, 2)
+	m, done := serveMoved(b)
+	clients := moveTo(t, m, 2)
 	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked")
 	clients[0].send(t)
 	select {
@@ -372,10 +373,8 @@ func TestUnparkedQueueAtTheEnd(t *testing.T) {
 func TestHTTPServerShutdownAfterStopAcceptingClosesParked(t *testing.T) {
 	hs := &http.Server{Handler: whoHandler("new")}
 	b := &Server{HTTP: hs}
-	ml := moved.New(&net.TCPAddr{})
-	done := make(chan error, 1)
-	go func() { done <- b.Serve(ml) }()
-	clients := moveTo(t, &pairMover{to: ml}, 2)
+	m, done := serveMoved(b)
+	clients := moveTo(t, m, 2)
 	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked")
 	body, _ := clients[0].get(t)
 	require.Equal(t, "new", body)

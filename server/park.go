@@ -54,10 +54,10 @@ func (s *Server) park(c *conn) bool {
 		go s.srv.Serve(s.unparked)
 	}
 	s.parkedN++
-	s.mu.Unlock()
 	c.mu.Lock()
-	c.park = parked
+	c.park = parked // in the same hold as the count: closeParked sees it
 	c.mu.Unlock()
+	s.mu.Unlock()
 	go s.waitParked(c, rc)
 	return true
 }

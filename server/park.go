@@ -70,12 +70,19 @@ func (s *Server) leftPark() {
 	s.parkedN--
 	var l *unparkListener
 	if s.parkedN == 0 && s.stopped.Load() {
-		s.unparkOver, l = true, s.unparked // in the same hold as the count: no park slips in
+		l = s.unparkOverLocked() // in the same hold as the count: no park slips in
 	}
 	s.mu.Unlock()
 	if l != nil {
 		l.Close()
 	}
+}
+
+// unparkOverLocked ends the serving of unparked connections (nothing parks
+// from now on) and returns the listener to close once s.mu is released.
+func (s *Server) unparkOverLocked() *unparkListener {
+	s.unparkOver = true
+	return s.unparked
 }
 
 // waitParked waits until c has bytes to read (a request, or its end), then
@@ -206,25 +213,14 @@ func (s *Server) unpark(c *conn) {
 	}
 }
 
-// closeUnparked stops serving unparked connections; none can be parked from
-// now on.
-func (s *Server) closeUnparked() {
-	s.mu.Lock()
-	s.unparkOver = true
-	l := s.unparked
-	s.mu.Unlock()
-	if l != nil {
-		l.Close()
-	}
-}
-
-// closeUnparkedIfNone is closeUnparked if nothing is parked (a server that
-// stops accepting parks nothing more).
-func (s *Server) closeUnparkedIfNone() {
+// closeUnparked stops serving unparked connections, if none is parked when
+// ifNone (a server that stops accepting parks nothing more); nothing parks
+// from then on.
+func (s *Server) closeUnparked(ifNone bool) {
 	s.mu.Lock()
 	var l *unparkListener
-	if s.parkedN == 0 {
-		s.unparkOver, l = true, s.unparked // in the same hold as the count: no park slips in
+	if !ifNone || s.parkedN == 0 {
+		l = s.unparkOverLocked() // in the same hold as the count: no park slips in
 	}
 	s.mu.Unlock()
 	if l != nil {

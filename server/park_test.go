@@ -41,9 +41,21 @@ func movedServer(t *testing.T, s *Server) *pairMover {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		s.Drain(ctx)
-		<-done
+		served(t, done)
 	})
 	return m
+}
+
+// served waits, 10 s at most, for Serve to return, and gives its error.
+func served(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return")
+		return nil
+	}
 }
 
 // serveMoved serves s on a new moved-connections listener that the returned
@@ -255,7 +267,7 @@ func TestUnparkedServingEndsWithoutADrain(t *testing.T) {
 	body, _ := clients[0].get(t) // unparked: net/http serves it
 	require.Equal(t, "new", body)
 	b.StopAccepting()
-	require.ErrorIs(t, <-done, ErrDraining)
+	require.ErrorIs(t, served(t, done), ErrDraining)
 	assert.True(t, unparkServing(b), "one connection is still parked: its request must find net/http")
 	body, _ = clients[1].get(t)
 	assert.Equal(t, "new", body)
@@ -275,7 +287,7 @@ func TestHTTPServerCloseClosesParkedConnections(t *testing.T) {
 	clients := moveTo(t, m, 1)
 	eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
 	require.NoError(t, hs.Close())
-	<-done
+	served(t, done)
 	_, err := clients[0].br.ReadByte() // bounded by rawDial's deadline
 	assert.ErrorIs(t, err, io.EOF, "closed by the server")
 	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
@@ -348,14 +360,14 @@ func TestUnparkedQueueAtTheEnd(t *testing.T) {
 		eventually(t, func() bool { return unparkOver(b) }, "the drain to end the unparked connections")
 		close(gate) // the http.Server's Close at the end of the drain waits for its accept loops
 		waitReport(t, drained)
-		<-done
+		served(t, done)
 	})
 	t.Run("http.Server Close", func(t *testing.T) {
 		gate, entered := make(chan struct{}), make(chan struct{}, 1)
 		hs := stalledAccept(gate, entered)
 		b, done := oneQueued(t, hs, entered)
 		b.StopAccepting()
-		<-done
+		served(t, done)
 		closed := make(chan struct{})
 		go func() { hs.Close(); close(closed) }()
 		eventually(t, func() bool { return unparkOver(b) }, "Close to reach the unpark listener")
@@ -379,7 +391,7 @@ func TestHTTPServerShutdownAfterStopAcceptingClosesParked(t *testing.T) {
 	body, _ := clients[0].get(t)
 	require.Equal(t, "new", body)
 	b.StopAccepting()
-	<-done
+	served(t, done)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	require.NoError(t, hs.Shutdown(ctx))

@@ -80,10 +80,10 @@ type Server struct {
 	// next generation, at most: each costs both processes some CPU (by perf,
 	// about 29 µs in the draining one, 20 if it waited parked there, and
 	// about 20 in the next), and moving thousands at once delays the
-	// requests being served meanwhile. The
-	// drain moves faster when it must, to be done by half of its context's
-	// deadline. The next upgrade waits for the drain: 10,000 idle
-	// connections at the default rate hold it for 10 s. Zero means
+	// requests being served meanwhile. The drain moves faster when it must,
+	// to be done by half of its context's deadline. The next upgrade waits
+	// for the drain: 10,000 idle connections at the default rate hold it for
+	// 10 s. Zero means
 	// DefaultMoveRate; a negative rate moves every idle connection at once.
 	MoveRate int
 	// Logger receives net/http's own error lines. Nil means none.
@@ -123,7 +123,7 @@ type Server struct {
 
 	// Parked connections (park.go).
 	parkedN    int             // parked, or on their way to net/http
-	unparked   *unparkListener // from the first unpark: parked connections whose bytes came, for net/http
+	unparked   *unparkListener // from the first park: parked connections whose bytes came, for net/http
 	unparkOver bool            // unparked connections are no longer served: nothing parks
 }
 
@@ -214,7 +214,8 @@ func (s *Server) serve(ln net.Listener, tls bool, certFile, keyFile string) erro
 		ln.Close()
 		return s.initErr
 	}
-	l := &listener{Listener: ln, s: s, tls: tls}
+	_, fromMove := ln.(*moved.Listener)
+	l := &listener{Listener: ln, s: s, tls: tls, fromMove: fromMove}
 	s.mu.Lock()
 	if s.stopped.Load() {
 		s.mu.Unlock()
@@ -258,7 +259,7 @@ func (s *Server) StopAccepting() {
 	s.mu.Lock()
 	s.stopAcceptingLocked()
 	s.mu.Unlock()
-	s.closeUnparkedIfNone()
+	s.closeUnparked(true)
 }
 
 func (s *Server) stopAcceptingLocked() {
@@ -328,7 +329,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 	// Every Serve returns once its listener is closed; a connection accepted just
 	// before that is tracked by then, so none is missed below.
 	s.serving.Wait()
-	s.closeUnparkedIfNone()
+	s.closeUnparked(true)
 
 	var rep Report
 	grace := orDefault(s.IdleGrace, DefaultIdleGrace)
@@ -380,7 +381,7 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 		break
 	}
 	rep.Running = s.waitHandlers(ctx)
-	s.closeUnparked()
+	s.closeUnparked(false)
 	s.srv.Close() // nothing is left; this releases net/http's own state
 	s.mu.Lock()
 	rep.ClosedAfterResponse = s.closedSelf
@@ -570,8 +571,9 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 
 type listener struct {
 	net.Listener
-	s   *Server
-	tls bool // served over TLS: its connections never move
+	s        *Server
+	tls      bool // served over TLS: its connections never move
+	fromMove bool // a *moved.Listener: its connections park (park.go)
 }
 
 // Close is net/http's: at the end of Serve, or from the http.Server's Close
@@ -579,7 +581,7 @@ type listener struct {
 // connections parked here close too, as net/http closes its idle ones.
 func (l *listener) Close() error {
 	err := l.Listener.Close()
-	if _, fromMove := l.Listener.(*moved.Listener); fromMove && !l.s.stopped.Load() {
+	if l.fromMove && !l.s.stopped.Load() {
 		l.s.closeParked()
 	}
 	return err
@@ -588,7 +590,6 @@ func (l *listener) Close() error {
 // Accept tracks each connection; one moved in idle is parked until its
 // client sends (park.go), and Accept goes on to the next.
 func (l *listener) Accept() (net.Conn, error) {
-	_, fromMove := l.Listener.(*moved.Listener)
 	for {
 		nc, err := l.Listener.Accept()
 		if err != nil {
@@ -596,11 +597,11 @@ func (l *listener) Accept() (net.Conn, error) {
 		}
 		c := l.s.track(nc)
 		c.mu.Lock()
-		c.fromMove = fromMove
+		c.fromMove = l.fromMove
 		if l.tls {
 			c.movable = false
 		}
-		parks := fromMove && c.movable
+		parks := l.fromMove && c.movable
 		c.mu.Unlock()
 		if parks && l.s.park(c) {
 			continue

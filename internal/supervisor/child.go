@@ -60,7 +60,7 @@ func (s *Supervisor) spawn(generation, instance int) (*child, error) {
 	now := time.Now()
 	c := &child{generation: generation, instance: instance, started: now, phase: control.ChildStarting, since: now}
 	s.spawned++
-	notifyPath := filepath.Join(s.dir, "notify-"+strconv.Itoa(s.spawned)+".sock")
+	notifyPath := filepath.Join(s.dir, notifySocketName(s.spawned))
 	var err error
 	c.notify, err = net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,17 +30,17 @@ func makeNotifyDir(tmp string) (dir string, lock *os.File, err error) {
 	if err != nil {
 		return "", nil, err
 	}
-	// A Unix socket's path holds at most 107 bytes: say so now, with the
-	// remedy, rather than "bind: invalid argument" at the first child.
-	if longest := filepath.Join(dir, "notify-999999999.sock"); len(longest) > maxSocketPath {
-		os.RemoveAll(dir)
-		return "", nil, fmt.Errorf("%s is too long for the children's notify sockets (%d bytes with a socket's name, at most %d): set TMPDIR to a shorter directory", dir, len(longest), maxSocketPath)
-	}
+	made := dir // a failed return sets dir to ""
 	defer func() {
 		if err != nil {
-			os.RemoveAll(dir)
+			os.RemoveAll(made)
 		}
 	}()
+	// A Unix socket's path holds at most 107 bytes: say so now, with the
+	// remedy, rather than "bind: invalid argument" at the first child.
+	if longest := filepath.Join(dir, notifySocketName(999_999_999)); len(longest) > maxSocketPath {
+		return "", nil, fmt.Errorf("%s is too long for the children's notify sockets (%d bytes with a socket's name, at most %d): set TMPDIR to a shorter directory", dir, len(longest), maxSocketPath)
+	}
 	// Locked before it has its name: a sweeper never sees a lock file that is
 	// not yet locked.
 	tmpLock := filepath.Join(dir, lockName+".new")
@@ -57,6 +58,9 @@ func makeNotifyDir(tmp string) (dir string, lock *os.File, err error) {
 	}
 	return dir, lock, nil
 }
+
+// notifySocketName names the notify socket of the nth child started.
+func notifySocketName(n int) string { return "notify-" + strconv.Itoa(n) + ".sock" }
 
 // sweepNotifyDirs removes the notify directories in tmp whose lock file no
 // process holds. A directory without one (being made, or left by an older

@@ -39,9 +39,11 @@ type conn struct {
 	calledOff    atomic.Bool           // a move was called off from the drain's side
 	readDeadline time.Time             // the one net/http asked for
 
-	// Parked outside net/http until its first bytes (park.go).
+	// Parked outside net/http until its first bytes (park.go): Conn is nil
+	// until then.
 	park     parkState
-	parkWoke bool // its park goroutine woke during a move (endParkedMove)
+	parking  *parking // while parked (or moving from the parker)
+	parkWoke bool     // its bytes came during a move (endParkedMove)
 }
 
 // ReadFrom keeps sendfile(2) for net/http's file responses.
@@ -122,14 +124,14 @@ func (c *conn) state() http.ConnState {
 // a negative grace: for idleTimeout since its last state change, as steady
 // state would), and no request bytes have arrived: neither read by net/http nor
 // waiting in the socket.
-func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.Duration) bool {
+func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.Duration) (closed, wasParked bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
-		return false // closing on its own; forget removes it
+	if c.closed || c.park == parkMoving {
+		return false, false // closing on its own (forget removes it), or moving
 	}
 	if c.st != http.StateIdle && c.st != http.StateNew {
-		return false
+		return false, false
 	}
 	quiet := c.since
 	if grace < 0 {
@@ -137,12 +139,23 @@ func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.D
 	} else if drainStart.After(quiet) {
 		quiet = drainStart
 	}
-	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() || pending(c.Conn) {
-		return false
+	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() {
+		return false, false
+	}
+	if c.park == parked {
+		if pendingFD(c.parking.fd) {
+			return false, false
+		}
+		c.s.closeParkedLocked(c)
+		c.closedIdle = true
+		return true, true
+	}
+	if pending(c.Conn) {
+		return false, false
 	}
 	c.closed, c.closedIdle = true, true
 	c.Conn.Close()
-	return true
+	return true, false
 }
 
 func (c *conn) wasClosedIdle() bool {
@@ -151,12 +164,20 @@ func (c *conn) wasClosedIdle() bool {
 	return c.closedIdle
 }
 
-// cut closes the connection at the drain deadline, whatever it is doing.
-func (c *conn) cut() {
+// cut closes the connection at the drain deadline, whatever it is doing; it
+// reports whether it was parked (the caller counts it out).
+func (c *conn) cut() (wasParked bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.park == parked {
+		c.s.closeParkedLocked(c)
+		return true
+	}
 	c.closed = true
-	c.Conn.Close()
+	if c.Conn != nil {
+		c.Conn.Close()
+	}
+	return false
 }
 
 // pending reports whether bytes wait to be read on nc's socket, without taking
@@ -170,12 +191,16 @@ func pending(nc net.Conn) bool {
 	if err != nil {
 		return false
 	}
-	var n int
-	var buf [1]byte
+	p := false
 	// Control, not Read: net/http's reader holds the read lock while it waits.
-	raw.Control(func(fd uintptr) {
-		n, _, _ = unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	})
+	raw.Control(func(fd uintptr) { p = pendingFD(int(fd)) })
+	return p
+}
+
+// pendingFD is pending for a bare descriptor.
+func pendingFD(fd int) bool {
+	var buf [1]byte
+	n, _, _ := unix.Recvfrom(fd, buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	return n > 0
 }
 

@@ -54,7 +54,7 @@ type offer struct {
 func (c *conn) requestMove(st *steal) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || c.stealing.Load() != nil || !c.movable || (c.st != http.StateIdle && c.st != http.StateNew) {
+	if c.closed || c.park != notParked || c.stealing.Load() != nil || !c.movable || (c.st != http.StateIdle && c.st != http.StateNew) {
 		return false
 	}
 	c.stealing.Store(st)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -39,7 +38,7 @@ func (p *pairMover) Move(fds []int) error {
 		if err != nil {
 			return err
 		}
-		if err := p.to.Add(os.NewFile(uintptr(nfd), "moved")); err != nil {
+		if err := p.to.Add(nfd); err != nil {
 			return err
 		}
 	}

@@ -123,6 +123,7 @@ type Server struct {
 
 	// Parked connections (park.go).
 	parkedN    int             // parked, or on their way to net/http
+	parker     *parker         // from the first park
 	unparked   *unparkListener // from the first park: parked connections whose bytes came, for net/http
 	unparkOver bool            // unparked connections are no longer served: nothing parks
 }
@@ -215,7 +216,7 @@ func (s *Server) serve(ln net.Listener, tls bool, certFile, keyFile string) erro
 		return s.initErr
 	}
 	_, fromMove := ln.(*moved.Listener)
-	l := &listener{Listener: ln, s: s, tls: tls, fromMove: fromMove}
+	l := &listener{Listener: ln, s: s, tls: tls, fromMove: fromMove && !tls}
 	s.mu.Lock()
 	if s.stopped.Load() {
 		s.mu.Unlock()
@@ -429,13 +430,16 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 	}
 	s.mu.Unlock()
 	var closed []*conn
+	parkedClosed := 0
 	for _, c := range conns {
-		if c.closeIfQuiet(now, s.drainStart, grace, s.srv.IdleTimeout) {
+		if ok, wasParked := c.closeIfQuiet(now, s.drainStart, grace, s.srv.IdleTimeout); ok {
 			closed = append(closed, c)
+			if wasParked {
+				parkedClosed++
+			}
 		}
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, c := range closed {
 		if _, ok := s.conns[c]; ok {
 			delete(s.conns, c)
@@ -444,7 +448,13 @@ func (s *Server) closeQuiet(grace time.Duration, rep *Report) int {
 			s.closedIdle++
 		}
 	}
-	return len(s.conns)
+	left := len(s.conns)
+	l := s.leftParkLocked(parkedClosed)
+	s.mu.Unlock()
+	if l != nil {
+		l.Close()
+	}
+	return left
 }
 
 // moveChunk is how many connections one pass of DrainTo asks to move:
@@ -481,14 +491,20 @@ func (s *Server) count() int {
 // closeAll closes every remaining connection; it returns how many there were.
 func (s *Server) closeAll() int {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
+	n, parkedCut := 0, 0
 	for c := range s.conns {
-		c.cut()
+		if c.cut() {
+			parkedCut++
+		}
 		delete(s.conns, c)
 		delete(s.h2conns, c)
 		delete(s.hot, c)
 		n++
+	}
+	l := s.leftParkLocked(parkedCut)
+	s.mu.Unlock()
+	if l != nil {
+		l.Close()
 	}
 	return n
 }
@@ -510,6 +526,11 @@ func (s *Server) track(nc net.Conn) *conn {
 func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.forgetLocked(c)
+}
+
+// forgetLocked is forget with s.mu held (and not c.mu).
+func (s *Server) forgetLocked(c *conn) {
 	if _, ok := s.conns[c]; !ok {
 		return
 	}
@@ -590,22 +611,42 @@ func (l *listener) Close() error {
 // Accept tracks each connection; one moved in idle is parked until its
 // client sends (park.go), and Accept goes on to the next.
 func (l *listener) Accept() (net.Conn, error) {
+	if l.fromMove {
+		return l.acceptMoved()
+	}
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	c := l.s.track(nc)
+	if l.tls {
+		c.mu.Lock()
+		c.movable = false
+		c.mu.Unlock()
+	}
+	return c, nil
+}
+
+// acceptMoved parks the connections of a moved-connections listener; one
+// that cannot park goes to net/http at once.
+func (l *listener) acceptMoved() (net.Conn, error) {
+	ml := l.Listener.(*moved.Listener)
 	for {
-		nc, err := l.Listener.Accept()
+		fd, err := ml.AcceptFD()
 		if err != nil {
 			return nil, err
 		}
-		c := l.s.track(nc)
-		c.mu.Lock()
-		c.fromMove = l.fromMove
-		if l.tls {
-			c.movable = false
-		}
-		parks := l.fromMove && c.movable
-		c.mu.Unlock()
-		if parks && l.s.park(c) {
+		if l.s.park(fd, l.Addr()) {
 			continue
 		}
+		nc, err := moved.NewConn(fd)
+		if err != nil {
+			continue // its peer reset meanwhile, say: nothing to serve
+		}
+		c := l.s.track(nc)
+		c.mu.Lock()
+		c.fromMove = true
+		c.mu.Unlock()
 		return c, nil
 	}
 }

@@ -175,7 +175,7 @@ func (u *Upgrader) receiveMoves(c *net.UnixConn, ln *moved.Listener) {
 				continue
 			}
 			for _, fd := range fds {
-				if ln.Add(os.NewFile(uintptr(fd), "moved")) == nil {
+				if ln.Add(fd) == nil {
 					total++
 				}
 			}

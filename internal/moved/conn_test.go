@@ -17,9 +17,9 @@ import (
 )
 
 // pair returns both ends of a connection on network ("tcp" or "unix"): the
-// accepted one as a *os.File on its own descriptor (as a move delivers it),
-// and the client's.
-func pair(t *testing.T, network string) (accepted *os.File, client net.Conn, addr net.Addr) {
+// accepted one as a descriptor of its own (as a move delivers it), and the
+// client's.
+func pair(t *testing.T, network string) (accepted int, client net.Conn, addr net.Addr) {
 	t.Helper()
 	addrStr := "127.0.0.1:0"
 	if network == "unix" {
@@ -51,15 +51,21 @@ func pair(t *testing.T, network string) (accepted *os.File, client net.Conn, add
 	if derr != nil {
 		t.Fatal(derr)
 	}
-	return os.NewFile(uintptr(nfd), "moved"), client, sc.LocalAddr()
+	return nfd, client, sc.LocalAddr()
 }
 
-// through adds f to a Listener and accepts it.
-func through(t *testing.T, f *os.File) net.Conn {
+// closedFD reports whether fd is no longer open.
+func closedFD(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == unix.EBADF
+}
+
+// through adds fd to a Listener and accepts it.
+func through(t *testing.T, fd int) net.Conn {
 	t.Helper()
 	ln := New(&net.TCPAddr{})
 	t.Cleanup(func() { ln.Close() })
-	if err := ln.Add(f); err != nil {
+	if err := ln.Add(fd); err != nil {
 		t.Fatal(err)
 	}
 	nc, err := ln.Accept()
@@ -74,7 +80,7 @@ func TestConnKeepsTheSocketOptions(t *testing.T) {
 	f, client, _ := pair(t, "tcp")
 	// An option net.FileConn would set again (to 15 s), and with it a
 	// keepalive probe at once on a socket idle for longer than that.
-	if err := unix.SetsockoptInt(int(f.Fd()), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 77); err != nil {
+	if err := unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 77); err != nil {
 		t.Fatal(err)
 	}
 	nc := through(t, f)
@@ -191,17 +197,11 @@ func TestConnResetIsASyscallError(t *testing.T) {
 // A descriptor the runtime cannot poll (blocking) is served as net.FileConn
 // makes it, with working deadlines.
 func TestAddTakesABlockingDescriptorThroughFileConn(t *testing.T) {
-	f, _, _ := pair(t, "tcp")
-	nfd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
+	fd, _, _ := pair(t, "tcp")
+	if err := unix.SetNonblock(fd, false); err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
-	if err := unix.SetNonblock(nfd, false); err != nil {
-		t.Fatal(err)
-	}
-	blocking := os.NewFile(uintptr(nfd), "blocking")
-	c := through(t, blocking)
+	c := through(t, fd)
 	if _, ok := c.(*net.TCPConn); !ok {
 		t.Fatalf("accepted %T, want *net.TCPConn", c)
 	}
@@ -209,8 +209,8 @@ func TestAddTakesABlockingDescriptorThroughFileConn(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("read past the deadline: %v", err)
 	}
-	if _, err := blocking.Stat(); !errors.Is(err, os.ErrClosed) {
-		t.Errorf("the file given to Add is still open (%v): FileConn has its own copy", err)
+	if !closedFD(fd) {
+		t.Errorf("the descriptor given to Add is still open: FileConn has its own copy")
 	}
 }
 
@@ -225,8 +225,8 @@ func BenchmarkAdd(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer ln.Close()
-	// batch received descriptors, as os.Files, with their clients.
-	prepare := func() (fs []*os.File, closers []io.Closer) {
+	// batch received descriptors, with their clients.
+	prepare := func() (fds []int, closers []io.Closer) {
 		for range batch {
 			client, err := net.Dial("tcp", ln.Addr().String())
 			if err != nil {
@@ -242,18 +242,18 @@ func BenchmarkAdd(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			fs = append(fs, os.NewFile(uintptr(nfd), "moved"))
+			fds = append(fds, nfd)
 			closers = append(closers, client, sc)
 		}
-		return fs, closers
+		return fds, closers
 	}
 	for _, bc := range []struct {
 		name string
-		take func(*os.File) net.Conn
+		take func(int) net.Conn
 	}{
-		{"Conn", func(f *os.File) net.Conn {
+		{"Conn", func(fd int) net.Conn {
 			ml := New(&net.TCPAddr{})
-			if err := ml.Add(f); err != nil {
+			if err := ml.Add(fd); err != nil {
 				b.Fatal(err)
 			}
 			nc, err := ml.Accept()
@@ -262,7 +262,8 @@ func BenchmarkAdd(b *testing.B) {
 			}
 			return nc
 		}},
-		{"FileConn", func(f *os.File) net.Conn {
+		{"FileConn", func(fd int) net.Conn {
+			f := os.NewFile(uintptr(fd), "moved")
 			nc, err := net.FileConn(f)
 			f.Close()
 			if err != nil {
@@ -274,19 +275,19 @@ func BenchmarkAdd(b *testing.B) {
 		b.Run(bc.name, func(b *testing.B) {
 			b.StopTimer()
 			for done := 0; done < b.N; {
-				fs, closers := prepare()
+				fds, closers := prepare()
 				n := min(batch, b.N-done)
 				conns := make([]net.Conn, 0, n)
 				b.StartTimer()
-				for _, f := range fs[:n] {
-					conns = append(conns, bc.take(f))
+				for _, fd := range fds[:n] {
+					conns = append(conns, bc.take(fd))
 				}
 				b.StopTimer()
 				for _, c := range conns {
 					c.Close()
 				}
-				for _, f := range fs[n:] {
-					f.Close()
+				for _, fd := range fds[n:] {
+					unix.Close(fd)
 				}
 				for _, c := range closers {
 					c.Close()
@@ -391,14 +392,57 @@ func TestAddAfterCloseFails(t *testing.T) {
 	ln := New(&net.TCPAddr{})
 	ln.Close()
 	for range 50 {
-		f, _, _ := pair(t, "tcp")
-		if err := ln.Add(f); err != ErrClosed {
+		fd, _, _ := pair(t, "tcp")
+		if err := ln.Add(fd); err != ErrClosed {
 			t.Fatalf("Add after Close: %v, want ErrClosed", err)
 		}
-		if _, err := f.Stat(); !errors.Is(err, os.ErrClosed) {
-			t.Fatalf("the file given to Add is still open (%v)", err)
+		if !closedFD(fd) {
+			t.Fatal("the descriptor given to Add is still open")
 		}
 	}
+}
+
+// Accept skips a descriptor it cannot serve (not a connected stream socket)
+// and closes it; AcceptFD gives descriptors as they came.
+func TestAcceptSkipsWhatItCannotServe(t *testing.T) {
+	ln := New(&net.TCPAddr{})
+	defer ln.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	pfd, err := unix.Dup(int(r.Fd()))
+	r.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, client, _ := pair(t, "tcp")
+	if err := ln.Add(pfd); err != nil {
+		t.Fatal(err)
+	}
+	if err := ln.Add(fd); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	if nc.RemoteAddr().String() != client.LocalAddr().String() {
+		t.Errorf("accepted %v, want the connection from %v", nc.RemoteAddr(), client.LocalAddr())
+	}
+	if !closedFD(pfd) {
+		t.Error("the pipe's descriptor was not closed")
+	}
+	fd2, _, _ := pair(t, "tcp")
+	if err := ln.Add(fd2); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ln.AcceptFD(); err != nil || got != fd2 {
+		t.Errorf("AcceptFD: %d, %v; want %d", got, err, fd2)
+	}
+	unix.Close(fd2)
 }
 
 func open(t *testing.T, path string, at int64) *os.File {

@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -131,6 +133,43 @@ func TestParkedConnectionsMoveOn(t *testing.T) {
 	}
 }
 
+// Parked connections hold no goroutine each: one watches them all.
+func TestParkedConnectionsHoldNoGoroutine(t *testing.T) {
+	b := &Server{Handler: whoHandler("new")}
+	clients := moveTo(t, movedServer(t, b), 200)
+	eventually(t, func() bool { return parkedCount(b) == 200 }, "200 parked connections")
+	// The old generation's goroutines end once its drain has returned.
+	eventually(t, func() bool { return runtime.NumGoroutine() < 100 }, "fewer goroutines than parked connections")
+	body, _ := clients[0].get(t)
+	assert.Equal(t, "new", body)
+}
+
+// openFDs is how many descriptors this process has open.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	es, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	return len(es)
+}
+
+// A parked connection whose client resets it, or closes it, leaves nothing
+// behind: neither its descriptor nor its tracking; the others stay parked.
+func TestParkedConnectionsWhoseClientsLeave(t *testing.T) {
+	b := &Server{Handler: whoHandler("new")}
+	clients := moveTo(t, movedServer(t, b), 3)
+	eventually(t, func() bool { return parkedCount(b) == 3 }, "3 parked connections")
+	before := openFDs(t)
+	require.NoError(t, clients[0].Conn.(*net.TCPConn).SetLinger(0))
+	clients[0].Close() // a reset
+	clients[1].Close() // a FIN
+	// Each client's descriptor and the server's copy of each.
+	eventually(t, func() bool { return openFDs(t) <= before-4 }, "the server's descriptors of both closed")
+	eventually(t, func() bool { return tracked(b) == 1 }, "both forgotten")
+	assert.Equal(t, 1, parkedCount(b))
+	body, _ := clients[2].get(t)
+	assert.Equal(t, "new", body)
+}
+
 // A parked connection closes at IdleTimeout from its move, as steady state
 // would close an idle one.
 func TestParkedConnectionClosesAtIdleTimeout(t *testing.T) {
@@ -230,7 +269,7 @@ func TestRequestDuringAParkedMove(t *testing.T) {
 				t.Fatal("no move began")
 			}
 			clients[0].send(t)
-			eventually(t, func() bool { return parkWoke(b) }, "the park goroutine to see the request")
+			eventually(t, func() bool { return parkWoke(b) }, "the parker to see the request")
 			close(h.release)
 			body, _ := clients[0].read(t)
 			assert.Equal(t, want, body)

@@ -189,8 +189,9 @@ func orDefault(d, def time.Duration) time.Duration {
 //
 // On the listener of connections moved in from the previous generation
 // (package upgrader's Upgrader.Moved), each connection waits parked, outside
-// net/http (a small goroutine in the runtime's poller, no buffers), until its
-// client sends; net/http then serves it like the others. So net/http's hooks
+// net/http (its bare descriptor in an epoll set of the Server's own, which one
+// goroutine watches for all of them: no goroutine, buffer or timer each), until
+// its client sends; net/http then serves it like the others. So net/http's hooks
 // see it only from then on (ConnState's StateNew, ConnContext, and a second
 // BaseContext call, with a listener of this package's), and not at all if it
 // closes or moves on while parked: it moves on to the next generation

@@ -92,8 +92,8 @@ type Options struct {
 	// generation from its first move out (see Mover) to Close. Zero leaves
 	// the collector alone, as does GOGC=off or a higher percent.
 	//
-	// A moved connection's memory (parked: its goroutine, descriptor and
-	// state; once its client sends, net/http's buffers too) stays live in
+	// A moved connection's memory (parked: its descriptor and a little
+	// state; once its client sends, net/http's goroutine and buffers too) stays live in
 	// the new generation as long as the connection: as thousands arrive,
 	// the heap doubles again and again, and each doubling starts a
 	// collection that finds little garbage but whose pauses and mark work

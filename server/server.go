@@ -77,14 +77,14 @@ type Server struct {
 	// DefaultAfterCut. Report.Running counts those that did not.
 	AfterCut time.Duration
 	// MoveRate is how many idle connections per second DrainTo moves to the
-	// next generation, at most: each costs both processes some CPU (by perf,
-	// about 29 µs in the draining one, 20 if it waited parked there, and
-	// about 20 in the next), and moving thousands at once delays the
-	// requests being served meanwhile. The drain moves faster when it must,
-	// to be done by half of its context's deadline. The next upgrade waits
-	// for the drain: 10,000 idle connections at the default rate hold it for
-	// 10 s. Zero means
-	// DefaultMoveRate; a negative rate moves every idle connection at once.
+	// next generation, at most: each costs both processes some CPU (about
+	// 29 µs in the draining one when net/http held it there, 10 if it waited
+	// parked, and a few in the next, which parks it), and moving thousands
+	// at once delays the requests being served meanwhile. The drain moves
+	// faster when it must, to be done by half of its context's deadline.
+	// The next upgrade waits for the drain: 10,000 idle connections at the
+	// default rate hold it for 10 s. Zero means DefaultMoveRate; a negative
+	// rate moves every idle connection at once.
 	MoveRate int
 	// Logger receives net/http's own error lines. Nil means none.
 	Logger *slog.Logger

@@ -327,6 +327,7 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 			}
 			continue
 		case <-timeout.C:
+		case <-ctx.Done(): // the drain's deadline: it cuts what is left
 		}
 		break
 	}

@@ -439,3 +439,33 @@ func TestDrainToGivesUpOnFailingMoves(t *testing.T) {
 	assert.Zero(t, rep.Moved)
 	assert.Equal(t, int64(1), mover.calls.Load(), "Move calls: the first failure ends the pass, and what it asked stays")
 }
+
+// A connection asked to move that never answers (net/http has not begun to
+// read it: its accept loop stalls) makes each pass wait stealWait, yet the
+// drain cuts at its deadline, not passes later (a pass once waited on past
+// the deadline, and the drain's loop picked its next tick over the deadline
+// at random when both were due).
+func TestDrainCutsAtItsDeadlineWhenMovesGoUnanswered(t *testing.T) {
+	hs, entered, open := stalledAt(t, 0)
+	b := &Server{HTTP: hs, IdleGrace: time.Hour}
+	clients := moveTo(t, movedServer(t, b), 1)
+	eventually(t, func() bool { return parkedCount(b) == 1 }, "parked")
+	clients[0].send(t) // unparked: net/http takes it and stalls before reading
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("net/http never took the connection")
+	}
+	_, to := startMoved(t, "c")
+	const within = 1500 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	began := time.Now()
+	drained := drainToAsync(b, ctx, to)
+	eventually(t, func() bool { return tracked(b) == 0 }, "the cut")
+	took := time.Since(began)
+	open() // the http.Server's Close, at the end of the drain, waits for its accept loop
+	rep := waitReport(t, drained)
+	assert.Equal(t, 1, rep.Cut, "report %+v", rep)
+	assert.Less(t, took, within+stealWait/2, "the cut came passes after the deadline")
+}

@@ -190,7 +190,8 @@ func (p *parker) next() (timeout int, done bool) {
 		// the move is over.
 		return int(pollInterval / time.Millisecond), false
 	}
-	return int((d + time.Millisecond - 1) / time.Millisecond), false
+	// At most an hour: epoll's timeout is milliseconds in 32 bits.
+	return int((min(d, time.Hour) + time.Millisecond - 1) / time.Millisecond), false
 }
 
 // drop drops the parkings gone from the front of the queue; p.mu is held.
@@ -322,7 +323,7 @@ func (s *Server) parkedReady(pk *parking) {
 	}
 	c.Conn = nc
 	c.mu.Unlock()
-	s.unpark(c)
+	s.unparkNow(c)
 }
 
 // closeParkedLocked closes c's descriptor and takes it out of the parker;
@@ -340,6 +341,13 @@ func (s *Server) closeParkedIdle(pk *parking) {
 	c.mu.Lock()
 	if c.parking != pk || c.park != parked {
 		c.mu.Unlock()
+		return
+	}
+	if pendingFD(pk.fd) {
+		// Its request came (its event not collected yet): it is served, as
+		// net/http serves a request that beats its idle timeout.
+		c.mu.Unlock()
+		s.parkedReady(pk)
 		return
 	}
 	s.closeParkedLocked(c)
@@ -408,6 +416,25 @@ func (s *Server) endParkedMove(c *conn, moved bool) {
 	c.mu.Unlock()
 	if woke {
 		s.parkedReady(pk) // its one event came: it unparks now
+	}
+}
+
+// unparkNow is unpark without waiting, for the parker's goroutine and the
+// drain's, which must go on: when net/http's accept loop is behind (the
+// listener's queue full), a goroutine of its own waits to hand c over.
+func (s *Server) unparkNow(c *conn) {
+	s.mu.Lock()
+	l := s.unparked // set at the first park
+	s.mu.Unlock()
+	select {
+	case l.c <- c:
+		select {
+		case <-l.done:
+			l.closeQueued() // Close ran meanwhile
+		default:
+		}
+	default:
+		go s.unpark(c)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -437,4 +438,105 @@ func TestHTTPServerShutdownAfterStopAcceptingClosesParked(t *testing.T) {
 	_, err := clients[1].br.ReadByte() // bounded by rawDial's deadline
 	assert.ErrorIs(t, err, io.EOF, "the parked connection closed, as net/http's idle ones")
 	eventually(t, func() bool { return tracked(b) == 0 }, "forgotten")
+}
+
+// stalledAt is an http.Server whose accept loop stalls in ConnContext on the
+// first connection it takes, until open is called (30 s at most); entered
+// says when it stalls.
+func stalledAt(t *testing.T, idle time.Duration) (hs *http.Server, entered <-chan struct{}, open func()) {
+	t.Helper()
+	gate := make(chan struct{})
+	ent := make(chan struct{}, 1)
+	var once sync.Once
+	open = func() { once.Do(func() { close(gate) }) }
+	t.Cleanup(open)
+	hs = &http.Server{Handler: whoHandler("new"), IdleTimeout: idle, ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
+		select {
+		case ent <- struct{}{}:
+		default:
+		}
+		select {
+		case <-gate:
+		case <-time.After(30 * time.Second):
+		}
+		return ctx
+	}}
+	return hs, ent, open
+}
+
+// fillUnparkQueue: clients[0] stalls net/http's accept loop, clients[1:65]
+// fill the unpark listener's queue (64).
+func fillUnparkQueue(t *testing.T, b *Server, clients []*rawConn, entered <-chan struct{}) {
+	t.Helper()
+	clients[0].send(t)
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("net/http never took the first")
+	}
+	for _, c := range clients[1:65] {
+		c.send(t)
+	}
+	eventually(t, func() bool { return queuedUnparked(b) == 64 }, "64 queued for net/http")
+}
+
+// With net/http's accept loop behind (its queue full), the parker goes on:
+// a request sent well before its connection's idle deadline is answered,
+// however late net/http takes it, and not closed at the deadline (the
+// parker once waited for room in the queue, and then closed the connection
+// as idle). Found by a review.
+func TestParkedRequestWhileNetHTTPLags(t *testing.T) {
+	const idle = 2 * time.Second
+	hs, entered, open := stalledAt(t, idle)
+	b := &Server{HTTP: hs}
+	m := movedServer(t, b)
+	const n = 1 + 64 + 1 + 1
+	clients := moveTo(t, m, n)
+	deadline := time.Now().Add(idle) // no parking's is later
+	eventually(t, func() bool { return parkedCount(b) == n }, "all parked")
+	fillUnparkQueue(t, b, clients, entered)
+	clients[65].send(t) // a third party's request: the queue has no room for it
+	eventually(t, func() bool { return parkedCount(b) == 1 }, "only the victim parked")
+	if time.Until(deadline) < idle/2 {
+		t.Skip("too slow: the request would not be well before its idle deadline")
+	}
+	victim := clients[66]
+	victim.send(t)
+	eventually(t, func() bool { return parkedCount(b) == 0 }, "the victim unparked")
+	<-time.After(time.Until(deadline) + 200*time.Millisecond) // past the idle deadline
+	open()
+	for i, c := range append(clients[:1:1], clients[65:]...) {
+		body, _ := c.read(t)
+		assert.Equal(t, "new", body, "client %d", i)
+	}
+}
+
+// A request that comes during a failed move, with net/http's accept loop
+// behind, does not hold the drain: its deadline still cuts what is left
+// (the drain once waited for room in the queue). Found by a review.
+func TestDrainCutsAtItsDeadlineWhileNetHTTPLags(t *testing.T) {
+	hs, entered, open := stalledAt(t, 0)
+	b := &Server{HTTP: hs, IdleGrace: time.Hour, MoveRate: -1}
+	m := movedServer(t, b)
+	const n = 1 + 64 + 1
+	clients := moveTo(t, m, n)
+	eventually(t, func() bool { return parkedCount(b) == n }, "all parked")
+	fillUnparkQueue(t, b, clients, entered)
+	h := &heldMover{entered: make(chan struct{}), release: make(chan struct{})} // fails
+	// Past the pass's wait for the queued connections to answer their move
+	// (stealWait): nobody reads them.
+	ctx, cancel := context.WithTimeout(context.Background(), stealWait+2*time.Second)
+	defer cancel()
+	drained := drainToAsync(b, ctx, h)
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no move began")
+	}
+	clients[65].send(t)
+	eventually(t, func() bool { return parkWoke(b) }, "the parker to see the request")
+	close(h.release)
+	eventually(t, func() bool { return tracked(b) == 0 }, "every connection cut at the deadline")
+	open()
+	waitReport(t, drained)
 }

@@ -375,11 +375,14 @@ func (s *Server) DrainTo(ctx context.Context, m Mover) (Report, error) {
 		}
 		select {
 		case <-tick.C:
-			continue
+			if ctx.Err() == nil {
+				continue
+			}
+			// Both ready: the deadline wins, whichever select picked.
 		case <-ctx.Done():
-			err = context.Cause(ctx)
-			rep.Cut = s.closeAll()
 		}
+		err = context.Cause(ctx)
+		rep.Cut = s.closeAll()
 		break
 	}
 	rep.Running = s.waitHandlers(ctx)

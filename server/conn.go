@@ -127,8 +127,8 @@ func (c *conn) state() http.ConnState {
 func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.Duration) (closed, wasParked bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || c.park == parkMoving {
-		return false, false // closing on its own (forget removes it), or moving
+	if c.closed || c.moved || c.park == parkMoving {
+		return false, false // closing on its own (forget removes it), moved, or moving
 	}
 	if c.st != http.StateIdle && c.st != http.StateNew {
 		return false, false
@@ -165,19 +165,20 @@ func (c *conn) wasClosedIdle() bool {
 }
 
 // cut closes the connection at the drain deadline, whatever it is doing; it
-// reports whether it was parked (the caller counts it out).
-func (c *conn) cut() (wasParked bool) {
+// reports whether it was parked (the caller counts it out) or had moved (its
+// Read had yet to close this copy: the move counted it).
+func (c *conn) cut() (wasParked, wasMoved bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.park == parked {
 		c.s.closeParkedLocked(c)
-		return true
+		return true, false
 	}
 	c.closed = true
 	if c.Conn != nil {
 		c.Conn.Close()
 	}
-	return false
+	return false, c.moved
 }
 
 // pending reports whether bytes wait to be read on nc's socket, without taking

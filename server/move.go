@@ -88,11 +88,13 @@ func (c *conn) SetDeadline(t time.Time) error {
 	return c.SetReadDeadline(t)
 }
 
-// endSteal gives the connection its own read deadline back; it stays here.
-func (c *conn) endSteal() {
+// endSteal gives the connection its own read deadline back after its answer
+// to st; it stays here. A late answer to an earlier pass's steal ends nothing:
+// the next pass's steal waits for its own answer.
+func (c *conn) endSteal(st *steal) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stealing.Load() != nil {
+	if c.stealing.Load() == st {
 		c.stealing.Store(nil)
 		c.movable = false
 		c.Conn.SetReadDeadline(c.readDeadline)
@@ -216,7 +218,7 @@ func (c *conn) answer(st *steal, fd int) bool {
 	}
 	c.mu.Unlock()
 	if !moved {
-		c.endSteal()
+		c.endSteal(st)
 	}
 	return moved
 }
@@ -301,9 +303,16 @@ func (s *Server) moveIdle(ctx context.Context, m Mover, limit int) (moved int, f
 		for _, o := range batch {
 			if o.result == nil {
 				s.endParkedMove(o.c, ok)
-			} else {
-				o.result <- ok
+				continue
 			}
+			if ok {
+				// Counted as moved from now on, not as cut or closed idle
+				// if the drain ends before its Read closes it.
+				o.c.mu.Lock()
+				o.c.moved = true
+				o.c.mu.Unlock()
+			}
+			o.result <- ok
 		}
 		batch = batch[:0]
 	}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -468,4 +469,122 @@ func TestDrainCutsAtItsDeadlineWhenMovesGoUnanswered(t *testing.T) {
 	rep := waitReport(t, drained)
 	assert.Equal(t, 1, rep.Cut, "report %+v", rep)
 	assert.Less(t, took, within+stealWait/2, "the cut came passes after the deadline")
+}
+
+// lateMover holds every Move until ctx ends, then moves on through next: a
+// successor that takes the batch just as the drain's deadline passes.
+type lateMover struct {
+	ctx  context.Context
+	next Mover
+}
+
+func (m *lateMover) Move(fds []int) error {
+	<-m.ctx.Done()
+	return m.next.Move(fds)
+}
+
+// A batch that moves as the deadline passes is counted moved, and not cut
+// too (the deadline's cut found connections whose Read had yet to close
+// them). Found by a review.
+func TestMovedAtTheDeadlineNotAlsoCut(t *testing.T) {
+	a, addr := start(t, whoHandler("old"), time.Hour)
+	a.MoveRate = -1 // every one in the first pass
+	_, pm := startMoved(t, "new")
+	const n = 100
+	clients := dialUsed(t, addr, n)
+	eventually(t, func() bool { return idleCount(a) == n }, "idle connections")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	rep, _ := a.DrainTo(ctx, &lateMover{ctx: ctx, next: pm})
+	assert.Equal(t, n, rep.Moved, "report %+v", rep)
+	assert.Zero(t, rep.Cut+rep.ClosedIdle+rep.ClosedAfterResponse, "report %+v", rep)
+	for i, c := range clients {
+		body, _ := c.get(t)
+		assert.Equal(t, "new", body, "client %d", i)
+	}
+}
+
+// gatedConn stalls one SyscallConn call (the descriptor lookup of conn.fd,
+// which Read makes between loading its steal and answering it) until gate
+// closes: a Read goroutine descheduled at that point.
+type gatedConn struct {
+	net.Conn
+	armed   atomic.Bool
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (g *gatedConn) SyscallConn() (syscall.RawConn, error) {
+	if g.armed.CompareAndSwap(true, false) {
+		close(g.entered)
+		select {
+		case <-g.gate:
+		case <-time.After(10 * time.Second):
+		}
+	}
+	return g.Conn.(syscall.Conn).SyscallConn()
+}
+
+// A Read that answers a pass's steal late (the pass stopped waiting) does not
+// end the next pass's: that one gets its answer and the connection moves (the
+// late answer once cleared it, and the pass waited stealWait for nothing).
+// Found by a review.
+func TestALateAnswerLeavesTheNextPassSteal(t *testing.T) {
+	_, to := startMoved(t, "new")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	cl, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer cl.Close()
+	sc, err := ln.Accept()
+	require.NoError(t, err)
+
+	s := &Server{}
+	s.init()
+	g := &gatedConn{Conn: sc, entered: make(chan struct{}), gate: make(chan struct{})}
+	g.armed.Store(true)
+	c := &conn{Conn: g, s: s, movable: true, st: http.StateIdle, since: time.Now()}
+	s.mu.Lock()
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	readDone := make(chan error, 1)
+	go func() { // net/http's read of the next request
+		_, err := c.Read(make([]byte, httpReadBuf))
+		readDone <- err
+	}()
+	defer func() {
+		g.Conn.Close()
+		select {
+		case <-readDone:
+		case <-time.After(10 * time.Second):
+			t.Error("the Read did not return")
+		}
+	}()
+
+	// Pass 1: the Read loads its steal, and stalls before answering.
+	moved, _ := s.moveIdle(context.Background(), to, 1)
+	require.Zero(t, moved)
+	select {
+	case <-g.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Read never reached its answer")
+	}
+	// Pass 2 asks again; then the stalled Read resumes with pass 1's steal.
+	pass2 := make(chan int, 1)
+	began := time.Now()
+	go func() {
+		m, _ := s.moveIdle(context.Background(), to, 1)
+		pass2 <- m
+	}()
+	eventually(t, func() bool { return c.stealing.Load() != nil }, "pass 2 to ask")
+	close(g.gate)
+	var got int
+	select {
+	case got = <-pass2:
+	case <-time.After(10 * time.Second):
+		t.Fatal("pass 2 did not return")
+	}
+	assert.Equal(t, 1, got, "pass 2 moved nothing")
+	assert.Less(t, time.Since(began), stealWait/2, "pass 2 waited for an answer that never came")
 }

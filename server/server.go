@@ -492,18 +492,22 @@ func (s *Server) count() int {
 	return len(s.conns)
 }
 
-// closeAll closes every remaining connection; it returns how many there were.
+// closeAll closes every remaining connection; it returns how many there were,
+// less those that had moved (their Read had yet to close them).
 func (s *Server) closeAll() int {
 	s.mu.Lock()
 	n, parkedCut := 0, 0
 	for c := range s.conns {
-		if c.cut() {
+		wasParked, wasMoved := c.cut()
+		if wasParked {
 			parkedCut++
 		}
 		delete(s.conns, c)
 		delete(s.h2conns, c)
 		delete(s.hot, c)
-		n++
+		if !wasMoved {
+			n++
+		}
 	}
 	l := s.leftParkLocked(parkedCut)
 	s.mu.Unlock()

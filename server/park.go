@@ -323,7 +323,7 @@ func (s *Server) parkedReady(pk *parking) {
 	}
 	c.Conn = nc
 	c.mu.Unlock()
-	s.unparkNow(c)
+	s.unpark(c)
 }
 
 // closeParkedLocked closes c's descriptor and takes it out of the parker;
@@ -419,42 +419,29 @@ func (s *Server) endParkedMove(c *conn, moved bool) {
 	}
 }
 
-// unparkNow is unpark without waiting, for the parker's goroutine and the
-// drain's, which must go on: when net/http's accept loop is behind (the
-// listener's queue full), a goroutine of its own waits to hand c over.
-func (s *Server) unparkNow(c *conn) {
-	s.mu.Lock()
-	l := s.unparked // set at the first park
-	s.mu.Unlock()
-	select {
-	case l.c <- c:
-		select {
-		case <-l.done:
-			l.closeQueued() // Close ran meanwhile
-		default:
-		}
-	default:
-		go s.unpark(c)
-	}
-}
-
 // unpark gives c to net/http through the unpark listener, served from the
 // first park until no connection is parked in a server that has stopped
-// accepting, or the end of its drain, or the http.Server's Close.
+// accepting, or the end of its drain, or the http.Server's Close. It does not
+// wait (the parker's goroutine and the drain's must go on): when net/http's
+// accept loop is behind, the listener's queue full, a goroutine of its own
+// waits to hand c over.
 func (s *Server) unpark(c *conn) {
 	s.mu.Lock()
 	l := s.unparked // set at the first park
 	s.mu.Unlock()
 	select {
 	case l.c <- c:
-		select {
-		case <-l.done:
-			l.closeQueued() // Close ran meanwhile
-		default:
-		}
-	case <-l.done:
-		c.Close() // the http.Server was closed: nobody answers it
-		s.leftPark()
+		l.queued()
+	default:
+		go func() {
+			select {
+			case l.c <- c:
+				l.queued()
+			case <-l.done:
+				c.Close() // the http.Server was closed: nobody answers it
+				s.leftPark()
+			}
+		}()
 	}
 }
 
@@ -519,6 +506,16 @@ func (l *unparkListener) Close() error {
 		l.s.closeParked()
 	}
 	return nil
+}
+
+// queued follows a send on l.c: if Close ran meanwhile, nobody will accept
+// what is queued.
+func (l *unparkListener) queued() {
+	select {
+	case <-l.done:
+		l.closeQueued()
+	default:
+	}
 }
 
 func (l *unparkListener) closeQueued() {

@@ -244,6 +244,19 @@ func parkWoke(s *Server) bool {
 	return false
 }
 
+// sendDuringMove waits for h's first Move, then has c send: its request
+// comes while its parked connection is being moved, and the parker sees it.
+func sendDuringMove(t *testing.T, b *Server, h *heldMover, c *rawConn) {
+	t.Helper()
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no move began")
+	}
+	c.send(t)
+	eventually(t, func() bool { return parkWoke(b) }, "the parker to see the request")
+}
+
 // A request that arrives while its parked connection is being moved is
 // answered once: by the next generation if the move succeeds (the bytes went
 // with it, unread), by this one if it fails.
@@ -264,13 +277,7 @@ func TestRequestDuringAParkedMove(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			drained := drainToAsync(b, ctx, h)
-			select {
-			case <-h.entered:
-			case <-time.After(10 * time.Second):
-				t.Fatal("no move began")
-			}
-			clients[0].send(t)
-			eventually(t, func() bool { return parkWoke(b) }, "the parker to see the request")
+			sendDuringMove(t, b, h, clients[0])
 			close(h.release)
 			body, _ := clients[0].read(t)
 			assert.Equal(t, want, body)
@@ -528,13 +535,7 @@ func TestDrainCutsAtItsDeadlineWhileNetHTTPLags(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), stealWait+2*time.Second)
 	defer cancel()
 	drained := drainToAsync(b, ctx, h)
-	select {
-	case <-h.entered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no move began")
-	}
-	clients[65].send(t)
-	eventually(t, func() bool { return parkWoke(b) }, "the parker to see the request")
+	sendDuringMove(t, b, h, clients[65])
 	close(h.release)
 	eventually(t, func() bool { return tracked(b) == 0 }, "every connection cut at the deadline")
 	open()

@@ -49,8 +49,9 @@ type parking struct {
 }
 
 // parker watches parked descriptors: an epoll set (EPOLLONESHOT: one event a
-// parking, until re-armed), an eventfd that wakes its goroutine, and the
-// parkings in the order they came, which is the order of their idle deadlines.
+// parking, which then leaves the parker), an eventfd that wakes its goroutine,
+// and the parkings in the order they came, which is the order of their idle
+// deadlines.
 type parker struct {
 	s    *Server
 	epfd int

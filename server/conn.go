@@ -27,17 +27,18 @@ type conn struct {
 	closed bool
 
 	// Moving to the next generation (move.go).
-	movable      bool                  // a plain connection whose bytes net/http alone reads
-	stealing     atomic.Pointer[steal] // a move is asked for: the read deadline is held back
-	offering     bool                  // its Read is answering the move right now
-	moved        bool                  // it moved: its close here shuts nothing down
-	http2        bool                  // it speaks HTTP/2: it drains with GOAWAY
-	closedIdle   bool                  // the drain closed it, idle
-	fromMove     bool                  // moved here from the previous generation (see SetReadDeadline)
-	http2At      time.Time             // when it became HTTP/2
-	toldAway     bool                  // sent GOAWAY
-	calledOff    atomic.Bool           // a move was called off from the drain's side
-	readDeadline time.Time             // the one net/http asked for
+	movable         bool                  // a plain connection whose bytes net/http alone reads
+	stealing        atomic.Pointer[steal] // a move is asked for: the read deadline is held back
+	offering        bool                  // its Read is answering the move right now
+	closeAfterOffer bool                  // Close came while offering: answer closes it
+	moved           bool                  // it moved: its close here shuts nothing down
+	http2           bool                  // it speaks HTTP/2: it drains with GOAWAY
+	closedIdle      bool                  // the drain closed it, idle
+	fromMove        bool                  // moved here from the previous generation (see SetReadDeadline)
+	http2At         time.Time             // when it became HTTP/2
+	toldAway        bool                  // sent GOAWAY
+	calledOff       atomic.Bool           // a move was called off from the drain's side
+	readDeadline    time.Time             // the one net/http asked for
 
 	// Parked outside net/http until its first bytes (park.go): Conn is nil
 	// until then.
@@ -62,10 +63,19 @@ func (c *conn) CloseWrite() error {
 	return nil
 }
 
-// Close is called by net/http, or by the application for a hijacked connection.
+// Close is called by net/http, or by the application for a hijacked
+// connection, or by the http.Server's Close from outside. While the
+// connection is offered to a move its descriptor may be on its way to the
+// next generation: answer closes it once the move is decided, so that its
+// number is not reused meanwhile (and another file sent).
 func (c *conn) Close() error {
 	c.mu.Lock()
 	c.closed = true
+	if c.offering {
+		c.closeAfterOffer = true
+		c.mu.Unlock()
+		return nil
+	}
 	c.mu.Unlock()
 	err := c.Conn.Close()
 	c.s.forget(c)

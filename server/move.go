@@ -192,6 +192,9 @@ func (c *conn) offerable(n int) bool {
 // own deadline back.
 func (c *conn) answer(st *steal, fd int) bool {
 	c.mu.Lock()
+	if c.closed {
+		fd = -1 // closed since fd was looked up: the number may be another file's now
+	}
 	c.offering = true
 	c.mu.Unlock()
 	o := offer{c: c, fd: fd, result: make(chan bool, 1)}
@@ -206,6 +209,8 @@ func (c *conn) answer(st *steal, fd int) bool {
 	c.mu.Lock()
 	c.offering = false
 	c.moved = moved
+	closed := c.closeAfterOffer // Close came meanwhile (see Close)
+	c.closeAfterOffer = false
 	if moved {
 		// The new generation has it: this process must never read from it
 		// again, whatever net/http tries next (with h2c on, it reads a new
@@ -217,8 +222,14 @@ func (c *conn) answer(st *steal, fd int) bool {
 		c.movable = false // and no later pass asks again
 	}
 	c.mu.Unlock()
+	if closed && !moved {
+		c.Conn.Close()
+	}
 	if !moved {
 		c.endSteal(st)
+	}
+	if closed {
+		c.s.forget(c)
 	}
 	return moved
 }

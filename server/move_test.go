@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -587,4 +588,48 @@ func TestALateAnswerLeavesTheNextPassSteal(t *testing.T) {
 	}
 	assert.Equal(t, 1, got, "pass 2 moved nothing")
 	assert.Less(t, time.Since(began), stealWait/2, "pass 2 waited for an answer that never came")
+}
+
+// The http.Server closed from outside while a connection's move is under
+// way: its descriptor stays open until the move is decided, so its number is
+// not reused and another file sent to the next generation in its place; the
+// connection moves. Found by a review.
+func TestHTTPServerCloseDuringAMove(t *testing.T) {
+	hs := &http.Server{Handler: whoHandler("old")}
+	a := &Server{HTTP: hs, IdleGrace: time.Hour}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ln) }()
+	clients := dialUsed(t, ln.Addr().String(), 1)
+	eventually(t, func() bool { return idleCount(a) == 1 }, "idle")
+	_, next := startMoved(t, "c")
+	h := &heldMover{next: next, entered: make(chan struct{}), release: make(chan struct{})}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	drained := drainToAsync(a, ctx, h)
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no move began")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- hs.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the http.Server's Close hung")
+	}
+	// Files that take the lowest free descriptor numbers: the connection's,
+	// had Close freed it.
+	for range 8 {
+		f, err := os.Open(os.DevNull)
+		require.NoError(t, err)
+		defer f.Close()
+	}
+	close(h.release)
+	body, _ := clients[0].get(t)
+	assert.Equal(t, "c", body)
+	waitReport(t, drained)
+	served(t, done)
 }

@@ -175,20 +175,23 @@ func (c *conn) wasClosedIdle() bool {
 }
 
 // cut closes the connection at the drain deadline, whatever it is doing; it
-// reports whether it was parked (the caller counts it out) or had moved (its
-// Read had yet to close this copy: the move counted it).
-func (c *conn) cut() (wasParked, wasMoved bool) {
+// reports whether it was parked (the caller counts it out), had moved (its
+// Read had yet to close this copy: the move counted it), or was closed
+// already (by net/http, or from outside during its move: forget had yet to
+// count it).
+func (c *conn) cut() (wasParked, wasMoved, wasClosed bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.park == parked {
 		c.s.closeParkedLocked(c)
-		return true, false
+		return true, false, false
 	}
+	wasClosed = c.closed
 	c.closed = true
 	if c.Conn != nil {
 		c.Conn.Close()
 	}
-	return false, c.moved
+	return false, c.moved, wasClosed
 }
 
 // pending reports whether bytes wait to be read on nc's socket, without taking

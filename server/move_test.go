@@ -633,3 +633,35 @@ func TestHTTPServerCloseDuringAMove(t *testing.T) {
 	waitReport(t, drained)
 	served(t, done)
 }
+
+// Connections the http.Server closed from outside during a move that then
+// fails at the deadline are reported closed, not cut: the cut found them
+// before their Read had counted them. Found by a review.
+func TestHTTPServerCloseDuringAFailedMoveIsNotACut(t *testing.T) {
+	hs := &http.Server{Handler: whoHandler("old")}
+	a := &Server{HTTP: hs, IdleGrace: time.Hour}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ln) }()
+	const n = 10
+	dialUsed(t, ln.Addr().String(), n)
+	eventually(t, func() bool { return idleCount(a) == n }, "idle")
+	h := &heldMover{entered: make(chan struct{}), release: make(chan struct{})} // fails
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	drained := drainToAsync(a, ctx, h)
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no move began")
+	}
+	require.NoError(t, hs.Close())
+	<-ctx.Done() // bounded by its deadline
+	close(h.release)
+	rep := waitReport(t, drained)
+	served(t, done)
+	assert.Zero(t, tracked(a))
+	assert.Zero(t, rep.Cut, "report %+v", rep)
+	assert.Equal(t, n, rep.ClosedAfterResponse, "report %+v", rep)
+}

@@ -493,19 +493,24 @@ func (s *Server) count() int {
 }
 
 // closeAll closes every remaining connection; it returns how many there were,
-// less those that had moved (their Read had yet to close them).
+// less those that had moved or were closed already (their Read, or forget,
+// had yet to count them).
 func (s *Server) closeAll() int {
 	s.mu.Lock()
 	n, parkedCut := 0, 0
 	for c := range s.conns {
-		wasParked, wasMoved := c.cut()
+		wasParked, wasMoved, wasClosed := c.cut()
 		if wasParked {
 			parkedCut++
 		}
 		delete(s.conns, c)
 		delete(s.h2conns, c)
 		delete(s.hot, c)
-		if !wasMoved {
+		switch {
+		case wasMoved:
+		case wasClosed:
+			s.closedSelf++ // as forget would have counted it
+		default:
 			n++
 		}
 	}

@@ -149,23 +149,34 @@ func (c *conn) closeIfQuiet(now, drainStart time.Time, grace, idleTimeout time.D
 	} else if drainStart.After(quiet) {
 		quiet = drainStart
 	}
-	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() {
+	if now.Sub(quiet) < grace || c.lastRead.Load() >= c.since.UnixNano() || c.pendingLocked() {
 		return false, false
 	}
+	c.closedIdle = true
+	return true, c.closeLocked()
+}
+
+// pendingLocked reports whether request bytes wait in c's socket, parked or
+// not; c.mu is held.
+func (c *conn) pendingLocked() bool {
 	if c.park == parked {
-		if pendingFD(c.parking.fd) {
-			return false, false
-		}
+		return pendingFD(c.parking.fd)
+	}
+	return pending(c.Conn)
+}
+
+// closeLocked closes c, parked or not; c.mu is held. It reports whether c was
+// parked (the caller counts it out of parking).
+func (c *conn) closeLocked() (wasParked bool) {
+	if c.park == parked {
 		c.s.closeParkedLocked(c)
-		c.closedIdle = true
-		return true, true
+		return true
 	}
-	if pending(c.Conn) {
-		return false, false
+	c.closed = true
+	if c.Conn != nil {
+		c.Conn.Close()
 	}
-	c.closed, c.closedIdle = true, true
-	c.Conn.Close()
-	return true, false
+	return false
 }
 
 func (c *conn) wasClosedIdle() bool {
@@ -182,14 +193,9 @@ func (c *conn) wasClosedIdle() bool {
 func (c *conn) cut() (wasParked, wasMoved, wasClosed bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.park == parked {
-		c.s.closeParkedLocked(c)
-		return true, false, false
-	}
 	wasClosed = c.closed
-	c.closed = true
-	if c.Conn != nil {
-		c.Conn.Close()
+	if c.closeLocked() {
+		return true, false, false
 	}
 	return false, c.moved, wasClosed
 }

@@ -222,7 +222,10 @@ func (h *heldMover) Move(fds []int) error {
 	if h.entering.CompareAndSwap(false, true) {
 		close(h.entered)
 	}
-	<-h.release
+	select {
+	case <-h.release:
+	case <-time.After(10 * time.Second): // the test failed before releasing it
+	}
 	if h.next == nil {
 		return errors.New("refused")
 	}
@@ -341,23 +344,6 @@ func TestHTTPServerCloseClosesParkedConnections(t *testing.T) {
 	assert.False(t, unparkServing(b))
 }
 
-// stalledAccept is an http.Server whose accept loop stalls in ConnContext on
-// the first connection it takes (until gate closes, 10 s at most): the unpark
-// listener's queue then holds the next one. It says when it stalls.
-func stalledAccept(gate, entered chan struct{}) *http.Server {
-	return &http.Server{Handler: whoHandler("new"), ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
-		select {
-		case entered <- struct{}{}:
-		default:
-		}
-		select {
-		case <-gate:
-		case <-time.After(10 * time.Second):
-		}
-		return ctx
-	}}
-}
-
 // queuedUnparked is how many unparked connections wait for net/http.
 func queuedUnparked(s *Server) int {
 	s.mu.Lock()
@@ -376,20 +362,13 @@ func unparkOver(s *Server) bool {
 
 // oneQueued parks two connections in a server over hs, whose stalled accept
 // loop takes the first when it sends; the second then waits in the queue.
-func oneQueued(t *testing.T, hs *http.Server, entered chan struct{}) (*Server, <-chan error) {
+func oneQueued(t *testing.T, hs *http.Server, entered <-chan struct{}) (*Server, <-chan error) {
 	t.Helper()
 	b := &Server{HTTP: hs}
 	m, done := serveMoved(b)
 	clients := moveTo(t, m, 2)
 	eventually(t, func() bool { return parkedCount(b) == 2 }, "2 parked")
-	clients[0].send(t)
-	select {
-	case <-entered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("net/http never took the first")
-	}
-	clients[1].send(t)
-	eventually(t, func() bool { return queuedUnparked(b) == 1 }, "the second queued")
+	queueUnparked(t, b, clients, entered)
 	return b, done
 }
 
@@ -399,26 +378,25 @@ func oneQueued(t *testing.T, hs *http.Server, entered chan struct{}) (*Server, <
 // StopAccepting.
 func TestUnparkedQueueAtTheEnd(t *testing.T) {
 	t.Run("drain cut", func(t *testing.T) {
-		gate, entered := make(chan struct{}), make(chan struct{}, 1)
-		b, done := oneQueued(t, stalledAccept(gate, entered), entered)
+		hs, entered, open := stalledAt(t, 0)
+		b, done := oneQueued(t, hs, entered)
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 		defer cancel()
 		drained := drainAsync(b, ctx)
 		eventually(t, func() bool { return unparkOver(b) }, "the drain to end the unparked connections")
-		close(gate) // the http.Server's Close at the end of the drain waits for its accept loops
+		open() // the http.Server's Close at the end of the drain waits for its accept loops
 		waitReport(t, drained)
 		served(t, done)
 	})
 	t.Run("http.Server Close", func(t *testing.T) {
-		gate, entered := make(chan struct{}), make(chan struct{}, 1)
-		hs := stalledAccept(gate, entered)
+		hs, entered, open := stalledAt(t, 0)
 		b, done := oneQueued(t, hs, entered)
 		b.StopAccepting()
 		served(t, done)
 		closed := make(chan struct{})
 		go func() { hs.Close(); close(closed) }()
 		eventually(t, func() bool { return unparkOver(b) }, "Close to reach the unpark listener")
-		close(gate)
+		open()
 		select {
 		case <-closed:
 		case <-time.After(10 * time.Second):
@@ -471,9 +449,9 @@ func stalledAt(t *testing.T, idle time.Duration) (hs *http.Server, entered <-cha
 	return hs, ent, open
 }
 
-// fillUnparkQueue: clients[0] stalls net/http's accept loop, clients[1:65]
-// fill the unpark listener's queue (64).
-func fillUnparkQueue(t *testing.T, b *Server, clients []*rawConn, entered <-chan struct{}) {
+// queueUnparked has clients send: the first stalls net/http's accept loop
+// (a server over stalledAt), the others wait in the unpark listener's queue.
+func queueUnparked(t *testing.T, b *Server, clients []*rawConn, entered <-chan struct{}) {
 	t.Helper()
 	clients[0].send(t)
 	select {
@@ -481,10 +459,10 @@ func fillUnparkQueue(t *testing.T, b *Server, clients []*rawConn, entered <-chan
 	case <-time.After(10 * time.Second):
 		t.Fatal("net/http never took the first")
 	}
-	for _, c := range clients[1:65] {
+	for _, c := range clients[1:] {
 		c.send(t)
 	}
-	eventually(t, func() bool { return queuedUnparked(b) == 64 }, "64 queued for net/http")
+	eventually(t, func() bool { return queuedUnparked(b) == len(clients)-1 }, "the others queued for net/http")
 }
 
 // With net/http's accept loop behind (its queue full), the parker goes on:
@@ -501,8 +479,9 @@ func TestParkedRequestWhileNetHTTPLags(t *testing.T) {
 	clients := moveTo(t, m, n)
 	deadline := time.Now().Add(idle) // no parking's is later
 	eventually(t, func() bool { return parkedCount(b) == n }, "all parked")
-	fillUnparkQueue(t, b, clients, entered)
-	clients[65].send(t) // a third party's request: the queue has no room for it
+	queueUnparked(t, b, clients[:65], entered) // the queue (64) full
+	// A third party's request: the queue has no room for it.
+	clients[65].send(t)
 	eventually(t, func() bool { return parkedCount(b) == 1 }, "only the victim parked")
 	if time.Until(deadline) < idle/2 {
 		t.Skip("too slow: the request would not be well before its idle deadline")
@@ -528,8 +507,9 @@ func TestDrainCutsAtItsDeadlineWhileNetHTTPLags(t *testing.T) {
 	const n = 1 + 64 + 1
 	clients := moveTo(t, m, n)
 	eventually(t, func() bool { return parkedCount(b) == n }, "all parked")
-	fillUnparkQueue(t, b, clients, entered)
-	h := &heldMover{entered: make(chan struct{}), release: make(chan struct{})} // fails
+	queueUnparked(t, b, clients[:65], entered) // the queue (64) full
+	// A Move that fails.
+	h := &heldMover{entered: make(chan struct{}), release: make(chan struct{})}
 	// Past the pass's wait for the queued connections to answer their move
 	// (stealWait): nobody reads them.
 	ctx, cancel := context.WithTimeout(context.Background(), stealWait+2*time.Second)

@@ -93,11 +93,11 @@ type Options struct {
 	// the collector alone, as does GOGC=off or a higher percent.
 	//
 	// A moved connection's memory (parked: its descriptor and a little
-	// state; once its client sends, net/http's goroutine and buffers too) stays live in
-	// the new generation as long as the connection: as thousands arrive,
-	// the heap doubles again and again, and each doubling starts a
-	// collection that finds little garbage but whose pauses and mark work
-	// delay requests (their p99, on a loaded machine): with 100, a
+	// state; once its client sends, net/http's goroutine and buffers too)
+	// stays live in the new generation as long as the connection: as
+	// thousands arrive, the heap doubles again and again, and each doubling
+	// starts a collection that finds little garbage but whose pauses and mark
+	// work delay requests (their p99, on a loaded machine): with 100, a
 	// generation taking 1000 connections a second into net/http collected at
 	// 0.24, 0.46, 0.89 and 1.7 s (measured before they waited parked). In
 	// the old generation what they leave is garbage of a process about to

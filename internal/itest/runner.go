@@ -66,12 +66,12 @@ func SkipWithout(tb testing.TB, bin string) {
 // "ready", the PID file names it, and GET /healthz answers from its one
 // child. The test is skipped when the interpreter is not installed.
 //
-// handoff's TMPDIR, where it keeps its children's notify sockets, is
-// o.TmpDir or a [ShortTempDir]. The test's cleanup leaves nothing behind: with handoff frozen (SIGSTOP, so
-// that it starts no child meanwhile), every child's process group is
-// SIGKILLed; handoff is then let go to reap them, frozen again, and its own
-// group SIGKILLed. Any child handoff ever logged that still runs is killed
-// last.
+// handoff's TMPDIR, where it keeps its children's notify sockets, is o.TmpDir
+// or a [ShortTempDir]. The test's cleanup leaves nothing behind: with handoff
+// frozen (SIGSTOP, so that it starts no child meanwhile), every child's
+// process group is SIGKILLed; handoff is then let go to reap them, frozen
+// again, and its own group SIGKILLed. Any child handoff ever logged that still
+// runs is killed last.
 func StartRunner(tb testing.TB, o RunnerOpts) *Runner {
 	tb.Helper()
 	if o.ReadyTimeout == "" {

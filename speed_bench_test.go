@@ -62,6 +62,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -1435,14 +1436,19 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		}
 		return ms, smps
 	}
+	kinds := spKinds(res.Samples)
 	sec := int64(time.Second)
 	var allBefore, allAfter, allDuring, ratios, nulls, drainCPU []float64
-	var afterAt []spTimed // every fast request of the seconds after, from its SIGHUP
+	var afterAt []spTimed  // every fast request of the seconds after, from its SIGHUP
+	var beforeAt []spTimed // and of the two seconds before
 	var t strings.Builder
 	fmt.Fprintf(&t, "%d idle keep-alive connections opened in %v; load %d req/s (30%% on new connections): %d requests, %d failed %v\n",
 		conns, opened.Round(time.Millisecond), rate, res.Requests, res.Failed, res.Failures)
 	for i, u := range ups {
-		before, _ := window(u.hup-2*sec, u.hup)
+		before, beforeSmp := window(u.hup-2*sec, u.hup)
+		for _, smp := range beforeSmp {
+			beforeAt = append(beforeAt, spTimed{at: smp.Start - u.hup, ms: float64(smp.LatencyUS) / 1000, kind: kinds[spKey(smp)], new: true})
+		}
 		after, afterSmp := window(u.hup, u.hup+sec)
 		// The null ratio: the last quiet second against the two before it.
 		nullAfter, _ := window(u.hup-sec, u.hup)
@@ -1452,7 +1458,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		during, _ := window(u.hup, u.gone) // the whole drain: every connection moves
 		allBefore, allAfter, allDuring = append(allBefore, before...), append(allAfter, after...), append(allDuring, during...)
 		for _, smp := range afterSmp {
-			afterAt = append(afterAt, spTimed{at: smp.Start - u.hup, ms: float64(smp.LatencyUS) / 1000})
+			afterAt = append(afterAt, spTimed{at: smp.Start - u.hup, ms: float64(smp.LatencyUS) / 1000, kind: kinds[spKey(smp)], new: smp.PID == u.new})
 		}
 		ratios, nulls = append(ratios, ratio), append(nulls, null)
 		if u.oldCPU > 0 {
@@ -1514,6 +1520,37 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		startup, earlySlow, early, 100*float64(earlySlow)/float64(max(early, 1)), lateSlow, late, 100*float64(lateSlow)/float64(max(late, 1)))
 	fmt.Fprintf(&t, "  slower than 1.2 times the p99 before: %d in the first %v, %d later; at most %d (1%% of the seconds after) for a ratio within 1.2\n",
 		earlyOver, startup, lateOver, len(afterAt)/100)
+	// Which requests: on what connection, answered by which generation.
+	byKind := func(reqs []spTimed) string {
+		type kindCount struct{ all, over, overEarly int }
+		counts := map[string]*kindCount{}
+		for _, a := range reqs {
+			k := a.kind + "/old"
+			if a.new {
+				k = a.kind + "/new"
+			}
+			kc := counts[k]
+			if kc == nil {
+				kc = &kindCount{}
+				counts[k] = kc
+			}
+			kc.all++
+			if a.ms > 1.2*p99b {
+				kc.over++
+				if a.at >= 0 && a.at < int64(startup) {
+					kc.overEarly++
+				}
+			}
+		}
+		var rows []string
+		for _, k := range slices.Sorted(maps.Keys(counts)) {
+			kc := counts[k]
+			rows = append(rows, fmt.Sprintf("%s %d of %d (%.2f%%; %d early)", k, kc.over, kc.all, 100*float64(kc.over)/float64(kc.all), kc.overEarly))
+		}
+		return strings.Join(rows, "; ")
+	}
+	fmt.Fprintf(&t, "  of those, by connection (fresh, first on a pooled one, first after its move, reused) and generation: %s\n", byKind(afterAt))
+	fmt.Fprintf(&t, "  the same in the two seconds before (\"new\": the only generation): %s\n", byKind(beforeAt))
 	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the last generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
 	if firstFail != nil {
 		fmt.Fprintf(&t, " (first: %v)", firstFail)
@@ -1549,8 +1586,41 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 
 // spTimed is a request's latency and when it was sent.
 type spTimed struct {
-	at int64 // ns from its upgrade's SIGHUP
-	ms float64
+	at   int64 // ns from its upgrade's SIGHUP
+	ms   float64
+	kind string // spKinds
+	new  bool   // answered by the new generation
+}
+
+// spKey identifies a sample: its connection and start.
+func spKey(s loadgen.Sample) [2]int64 { return [2]int64{int64(s.Conn), s.Start} }
+
+// spKinds sorts each request by the connection it went on: "fresh" (a
+// connection of its own), "first" (the first on a pooled connection just
+// dialed), "moved" (the first a new PID answered on a connection an older
+// one answered before: the first after its move) or "reused".
+func spKinds(samples []loadgen.Sample) map[[2]int64]string {
+	sorted := slices.Clone(samples)
+	slices.SortFunc(sorted, func(a, b loadgen.Sample) int { return cmp.Compare(a.Start, b.Start) })
+	last := map[uint32]int{} // connection -> the PID that answered its last request
+	kinds := make(map[[2]int64]string, len(sorted))
+	for _, smp := range sorted {
+		prev, seen := last[smp.Conn]
+		k := "reused"
+		switch {
+		case smp.Fresh:
+			k = "fresh"
+		case !seen:
+			k = "first"
+		case smp.PID != 0 && prev != 0 && smp.PID != prev:
+			k = "moved"
+		}
+		if smp.PID != 0 {
+			last[smp.Conn] = smp.PID
+		}
+		kinds[spKey(smp)] = k
+	}
+	return kinds
 }
 
 // spAbove is the percentage of xs above v.

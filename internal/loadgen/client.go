@@ -21,6 +21,7 @@ import (
 type conn struct {
 	net.Conn
 	br *bufio.Reader
+	id uint32 // the runner's count of connections dialed, from 1
 }
 
 // alive reports whether an idle pooled connection can still carry a request.
@@ -138,8 +139,9 @@ func (r *runner) exchange(i int64) (o outcome) {
 			o.kind, o.err = "dial", err
 			return o
 		}
-		c = &conn{Conn: nc, br: bufio.NewReader(nc)}
+		c = &conn{Conn: nc, br: bufio.NewReader(nc), id: r.dialed.Add(1)}
 	}
+	o.conn, o.fresh = c.id, fresh
 	c.SetDeadline(deadline)
 	if _, err := c.Write(req); err != nil {
 		c.Close()

@@ -29,6 +29,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -82,10 +83,12 @@ type PIDStat struct {
 
 // Sample describes one request.
 type Sample struct {
-	Start     int64 `json:"start_ns"`   // unix ns
-	LatencyUS int64 `json:"latency_us"` // until the response completed or the request failed
-	PID       int   `json:"pid"`        // 0 when no response came or it had no Handoff-Pid
-	OK        bool  `json:"ok"`
+	Start     int64  `json:"start_ns"`   // unix ns
+	LatencyUS int64  `json:"latency_us"` // until the response completed or the request failed
+	PID       int    `json:"pid"`        // 0 when no response came or it had no Handoff-Pid
+	OK        bool   `json:"ok"`
+	Conn      uint32 `json:"conn,omitempty"`  // the connection it went on (numbered from 1 as dialed); 0 if none
+	Fresh     bool   `json:"fresh,omitempty"` // sent on a connection of its own (NewConnFraction)
 }
 
 const maxErrors = 20
@@ -208,12 +211,15 @@ type outcome struct {
 	responded  bool // a complete response arrived (OK or kind "status")
 	pid        int
 	version    string
+	conn       uint32
+	fresh      bool
 }
 
 type runner struct {
-	cfg  Config
-	pool pool
-	reqs [2][2][]byte // [slow][fresh] request bytes
+	cfg    Config
+	pool   pool
+	reqs   [2][2][]byte // [slow][fresh] request bytes
+	dialed atomic.Uint32
 
 	mu      sync.Mutex
 	res     Result
@@ -264,7 +270,8 @@ func (r *runner) record(o outcome) {
 	}
 	if r.cfg.Samples {
 		r.samples = append(r.samples, Sample{Start: o.start.UnixNano(),
-			LatencyUS: o.end.Sub(o.start).Microseconds(), PID: o.pid, OK: o.kind == ""})
+			LatencyUS: o.end.Sub(o.start).Microseconds(), PID: o.pid, OK: o.kind == "",
+			Conn: o.conn, Fresh: o.fresh})
 	}
 }
 

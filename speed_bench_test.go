@@ -68,6 +68,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -1342,6 +1343,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		hup, answer      int64 // unix ns
 		drainingAt, gone int64
 		oldCPU           time.Duration // from the SIGHUP to its exiting line
+		ownGCs           chan uint64   // this process's collections in the second after
 		drained          itest.Line
 		received         itest.Line
 	}
@@ -1353,6 +1355,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		u := upgrade{old: live}
 		cpuBefore := spCPUns(live)
 		u.hup = time.Now().UnixNano()
+		u.ownGCs = make(chan uint64, 1)
+		gcAtHUP := spGCCycles()
+		time.AfterFunc(time.Second, func() { u.ownGCs <- spGCCycles() - gcAtHUP })
 		s.Signal(live, syscall.SIGHUP)
 		// No poller here, unlike BenchmarkUpgradeSpeed's: a request of its
 		// own every 200 µs would load both generations just when the fork
@@ -1424,6 +1429,16 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	wg.Wait()
 	asked := time.Since(askStart)
 	peaks[live], _ = itest.VmHWM(live)
+
+	var ownGCs []string // the benchmark's own collections load the machine too
+	for _, u := range ups {
+		select {
+		case n := <-u.ownGCs:
+			ownGCs = append(ownGCs, strconv.FormatUint(n, 10))
+		case <-time.After(2 * time.Second):
+			ownGCs = append(ownGCs, "?")
+		}
+	}
 
 	// Latency of the fast requests, in ms, sent in [from, to).
 	window := func(from, to int64) (ms []float64, smps []loadgen.Sample) {
@@ -1556,6 +1571,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		return strings.Join(rows, "; ")
 	}
 	fmt.Fprintf(&t, "  of those, by connection (fresh, first on a pooled one, first after its move, reused) and generation: %s\n", byKind(afterAt))
+	fmt.Fprintf(&t, "  collections of the benchmark process (which holds the clients' ends) in each second after: %s\n", strings.Join(ownGCs, " "))
 	fmt.Fprintf(&t, "  the same in the two seconds before (\"new\": the only generation): %s\n", byKind(beforeAt))
 	fmt.Fprintf(&t, "then one request on each idle connection in %v: %d answered by the last generation, %d by another, %d failed", asked.Round(time.Millisecond), byNew, byOther, failed)
 	if firstFail != nil {
@@ -1588,6 +1604,13 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		b.ReportMetric(percentile(rssTakenOver, 50), "rss-taken-over-MiB")
 	}
 	b.ReportMetric(float64(peaks[live])/1024, "rss-last-MiB")
+}
+
+// spGCCycles is how many collections this process has run.
+func spGCCycles() uint64 {
+	s := []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
 }
 
 // spTimed is a request's latency and when it was sent.

@@ -1460,8 +1460,9 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	}
 	sec := int64(time.Second)
 	var allBefore, allAfter, allDuring, ratios, nulls, drainCPU []float64
-	var afterAt []spTimed  // every fast request of the seconds after, from its SIGHUP
-	var beforeAt []spTimed // and of the two seconds before
+	var allNullBefore, allNullAfter []float64 // the control: two quiet windows, pooled the same way
+	var afterAt []spTimed                     // every fast request of the seconds after, from its SIGHUP
+	var beforeAt []spTimed                    // and of the two seconds before
 	var t strings.Builder
 	fmt.Fprintf(&t, "%d idle keep-alive connections opened in %v; load %d req/s (30%% on new connections): %d requests, %d failed %v\n",
 		conns, opened.Round(time.Millisecond), rate, res.Requests, res.Failed, res.Failures)
@@ -1482,6 +1483,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			afterAt = append(afterAt, spTimed{at: smp.Start - u.hup, ms: float64(smp.LatencyUS) / 1000, kind: kinds[spKey(smp)], new: smp.PID == u.new})
 		}
 		ratios, nulls = append(ratios, ratio), append(nulls, null)
+		allNullBefore, allNullAfter = append(allNullBefore, nullBefore...), append(allNullAfter, nullAfter...)
 		if u.oldCPU > 0 {
 			drainCPU = append(drainCPU, float64(u.oldCPU)/1e6)
 		}
@@ -1512,6 +1514,13 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	p99b, p99a := percentile(allBefore, 99), percentile(allAfter, 99)
 	fmt.Fprintf(&t, "all %d upgrades: fast requests p99 %.2f ms in the seconds before (%d), %.2f ms in the seconds after (%d): ratio %.2f; per upgrade: median %.2f, %s; null ratios: median %.2f, %s\n",
 		len(ups), p99b, len(allBefore), p99a, len(allAfter), spRatio(p99a, p99b), percentile(ratios, 50), spList(ratios), percentile(nulls, 50), spList(nulls))
+	// The control: the same pooled ratio of two quiet windows (the last
+	// second before each SIGHUP against the two before it), no upgrade in
+	// either. How far it strays from 1 is how far the ratio above can
+	// without the upgrades changing anything.
+	nullRatio := spRatio(percentile(allNullAfter, 99), percentile(allNullBefore, 99))
+	fmt.Fprintf(&t, "  the control, pooled the same way: the quiet second before each SIGHUP (%d) against the two before it (%d): ratio %.2f\n",
+		len(allNullAfter), len(allNullBefore), nullRatio)
 	fmt.Fprintf(&t, "  over every drain, from the SIGHUP to the old generation's exit: fast requests p99 %.2f ms (%d): ratio %.2f\n",
 		percentile(allDuring, 99), len(allDuring), spRatio(percentile(allDuring, 99), p99b))
 	// A steadier view than a ratio of two tails: how many of the requests
@@ -1596,6 +1605,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 	b.ReportMetric(percentile(ratios, 50), "p99-ratio-median")
 	b.ReportMetric(spRatio(percentile(allDuring, 99), p99b), "p99-drain-ratio")
 	b.ReportMetric(percentile(nulls, 50), "null-ratio-median")
+	b.ReportMetric(nullRatio, "null-ratio")
 	if len(drainCPU) > 0 {
 		b.ReportMetric(percentile(drainCPU, 50), "old-cpu-from-hup-ms")
 	}

@@ -47,7 +47,9 @@ package main_test
 // Sources of the times: the test's clock when it sends the signal; the JSON
 // logs of handoff serve (slog, nanoseconds) and the example's (log, with
 // microseconds); a poller that sends GET / on a new connection every 200 µs
-// from just before the signal until a new PID answers; the load tool's first
+// from just before the signal until a new PID answers (BenchmarkUpgradeSpeed
+// only: BenchmarkUpgradeTenThousandConns keeps its own process quiet in the
+// seconds it measures, see there); the load tool's first
 // answer per PID; and the kernel's process connector (netlink), which stamps
 // the fork, exec and exit of every process. The connector needs
 // CAP_NET_ADMIN in the initial network namespace; without it those rows

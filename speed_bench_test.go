@@ -1507,8 +1507,12 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 			slow = append(slow, fmt.Sprintf("%.2f ms at +%.1f ms by %s", float64(smp.LatencyUS)/1000, float64(smp.Start-u.hup)/1e6, who))
 		}
 		fmt.Fprintf(&t, "  slowest in the second after: %s\n", strings.Join(slow, "; "))
+		answerMs := -1.0 // the load had no answer from it: -1
+		if u.answer != 0 {
+			answerMs = float64(u.answer-u.hup) / 1e6
+		}
 		fmt.Fprintf(&t, "  SIGHUP -> the load's first answer from the new pid %.2f ms; -> old \"draining\" %.2f ms; -> \"drained\" %.2f ms; -> old exit %.2f ms\n",
-			float64(u.answer-u.hup)/1e6, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
+			answerMs, float64(u.drainingAt-u.hup)/1e6, float64(spLogTime(u.drained)-u.hup)/1e6, float64(u.gone-u.hup)/1e6)
 		fmt.Fprintf(&t, "  drain %.1f ms: moved %d, closed idle %d, cut %d; old's CPU from the SIGHUP to its exiting line %.1f ms\n",
 			float64(dur)/1e6, moved, closedIdle, cut, float64(u.oldCPU)/1e6)
 		fmt.Fprintf(&t, "  new generation: %d connections received %.1f ms after the old one's \"draining\"; peak RSS old %.1f MiB, new %.1f MiB\n",

@@ -87,8 +87,8 @@ type Sample struct {
 	LatencyUS int64  `json:"latency_us"` // until the response completed or the request failed
 	PID       int    `json:"pid"`        // 0 when no response came or it had no Handoff-Pid
 	OK        bool   `json:"ok"`
-	Conn      uint32 `json:"conn,omitempty"`  // the connection it went on (numbered from 1 as dialed); 0 if none
 	Fresh     bool   `json:"fresh,omitempty"` // sent on a connection of its own (NewConnFraction)
+	Conn      uint32 `json:"conn,omitempty"`  // the connection it went on (numbered from 1 as dialed); 0 if none
 }
 
 const maxErrors = 20

@@ -62,7 +62,6 @@ import (
 	"bufio"
 	"cmp"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -1372,7 +1371,7 @@ func BenchmarkUpgradeTenThousandConns(b *testing.B) {
 		if u.new = s.LivePID(); u.new == u.old {
 			b.Fatalf("the old generation %d drains but the PID file still names it", u.old)
 		}
-		spWaitExit(b, s, u.old, 60*time.Second)
+		s.WaitGone(u.old, 60*time.Second) // on a pidfd: /proc polled every 5 ms cost 19 ms of CPU a second in the seconds measured
 		u.gone = time.Now().UnixNano()
 		if at := ev.first(spExit, u.old, u.hup); at != 0 {
 			u.gone = at
@@ -1731,39 +1730,6 @@ func (k *spConn) get() (pid int, closing bool, err error) {
 	}
 	pid, _ = strconv.Atoi(resp.Header.Get("Handoff-Pid"))
 	return pid, resp.Close, nil
-}
-
-// spWaitExit waits until pid has exited, without polling where it can: a
-// pidfd becomes readable when the process exits. /proc polled every 5 ms
-// (Server.WaitGone) cost this process about 19 ms of CPU a second, inside
-// the seconds measured.
-func spWaitExit(b *testing.B, s *itest.Server, pid int, timeout time.Duration) {
-	b.Helper()
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			return // gone already
-		}
-		s.WaitGone(pid, timeout)
-		return
-	}
-	defer unix.Close(fd)
-	deadline := time.Now().Add(timeout)
-	for {
-		left := time.Until(deadline)
-		if left <= 0 {
-			b.Fatalf("old generation %d still runs %v after its SIGHUP", pid, timeout)
-		}
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			b.Fatalf("poll pidfd of %d: %v", pid, err)
-		}
-		if n > 0 {
-			s.WaitGone(pid, 5*time.Second) // exited: reaped or a zombie a moment more
-			return
-		}
-	}
 }
 
 // spCPUns is the CPU time of pid so far, ns: the sum of its threads'

@@ -1,9 +1,12 @@
 package itest
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // PollEvery is how often [Poll] asks its condition.
@@ -57,5 +60,27 @@ func closed[T any](ch <-chan T) bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// waitExit sleeps until pid exits or deadline passes, on a pidfd (readable
+// once the process has exited). Without one (an old kernel, a process gone
+// already) it returns at once, and the caller's poll decides.
+func waitExit(pid int, deadline time.Time) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return
+		}
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
+		if n > 0 || err != nil && !errors.Is(err, unix.EINTR) {
+			return
+		}
 	}
 }
